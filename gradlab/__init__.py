@@ -1,0 +1,31 @@
+"""gradlab: a JAX lab for matrix calculus and gradient strategies.
+
+The package exposes module namespaces, one per concept::
+
+    from gradlab import problems, checks, rules, pitfalls
+
+- :mod:`gradlab.problems` — the matrix-calculus catalog (losses with hand-derived gradients and HVPs).
+- :mod:`gradlab.checks` — the gradient checker (AD modes, finite differences, complex step, closed forms).
+- :mod:`gradlab.rules` — custom_vjp rules from the lecture notes (solve, singular values, sigmoid, ...).
+- :mod:`gradlab.pitfalls` — the classic matrix-calculus pitfalls, computed with the numbers JAX gives.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("problems", "checks", "rules", "pitfalls", "cli")
+
+__all__ = ["__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"gradlab.{name}")
+    raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

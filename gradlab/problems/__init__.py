@@ -1,0 +1,169 @@
+"""The matrix-calculus catalog: textbook losses with hand-derived closed-form gradients.
+
+Every problem is a pure JAX loss plus its gradient derived by hand with differentials — write the
+differential of the loss as ``df = ⟨G, dx⟩`` and read the gradient off as ``G`` — an HVP where it is
+simple, a random-instance constructor and what is known about the instance (solution, optimal value,
+smoothness ``L`` and strong convexity ``μ``).
+
+>>> import jax
+>>> from gradlab import problems
+>>> "quadratic" in problems.names()
+True
+>>> p = problems.make("least_squares", jax.random.key(0), dim=3, num_samples=8)
+>>> p.grad(p.init).shape
+(3,)
+
+The names, options and defaults of every problem: ``problems.names()`` and ``problems.options(name)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gradlab._validate import OptionError, check_choice, check_options
+
+__all__ = ["Problem", "make", "names", "options", "register", "describe"]
+
+Params = Any
+Factory = Callable[..., "Problem"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """One instance of a catalog problem.
+
+    Attributes:
+      name: the registry name (``problems.names()``).
+      loss: ``loss(params) -> scalar``, a pure JAX function.
+      grad: ``grad(params) -> params``, the hand-derived closed form (a subgradient where the loss has
+        kinks); same pytree structure as ``params``.
+      hvp: ``hvp(params, v) -> params``, the closed-form Hessian-vector product ``∇²f(params) v``, or
+        ``None`` where it is not simple.
+      init: a starting point (for the worked examples: the point with the published numbers).
+      solution: a minimiser, or ``None`` where unknown or not unique.
+      min_value: ``loss(solution)`` (or the known infimum), or ``None``.
+      smoothness: ``L``, a Lipschitz constant of the gradient, or ``None``.
+      strong_convexity: ``μ``, or ``None`` (also where the loss is not convex).
+      random_point: ``random_point(key) -> params``, a point of the domain for checks (SPD for
+        ``log_det``, nonzero for ``log_quadratic`` ...).
+      data: the instance's arrays (``A``, ``b``, ``X``, ``y`` ...), for inspection.
+      options: the resolved constructor options (sizes, dtype, ...).
+      description: the math in one line.
+      reference: where the example and its derivation come from.
+      analytic: whether the loss is a real-analytic composition of complex-safe operations, so the
+        complex-step derivative is valid.
+      smooth: ``False`` where the loss has kinks (the gradient is a subgradient and finite differences
+        can disagree near a kink).
+    """
+
+    name: str
+    loss: Callable[[Params], Any]
+    grad: Callable[[Params], Params]
+    hvp: Callable[[Params, Params], Params] | None
+    init: Params
+    solution: Params | None = None
+    min_value: float | None = None
+    smoothness: float | None = None
+    strong_convexity: float | None = None
+    random_point: Callable[[Any], Params] | None = None
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    description: str = ""
+    reference: str = ""
+    analytic: bool = True
+    smooth: bool = True
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"Problem({self.name}[{opts}]: {self.description})"
+
+
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register ``factory(key, /, **options) -> Problem`` under ``name`` (a decorator).
+
+    The factory's keyword-only parameters, with their defaults, are the problem's options; the
+    signature is the single source of defaults.
+    """
+
+    def deco(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"problem {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def names() -> list[str]:
+    """The registered problem names, sorted."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def options(name: str) -> dict[str, Any]:
+    """The options of problem ``name`` with their defaults.
+
+    >>> options("least_squares")["dim"]
+    10
+    """
+    _load()
+    check_choice("problem", name, _REGISTRY)
+    sig = inspect.signature(_REGISTRY[name])
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def describe(name: str) -> str:
+    """The first line of the docstring of problem ``name``."""
+    _load()
+    check_choice("problem", name, _REGISTRY)
+    doc = inspect.getdoc(_REGISTRY[name]) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def make(name: str, key: Any, /, **opts: Any) -> Problem:
+    """Build an instance of catalog problem ``name`` from a PRNG ``key`` and options.
+
+    Args:
+      name: one of :func:`names`.
+      key: a ``jax.random.key`` (required: instances are random; the worked examples ignore it).
+      **opts: sizes and settings (``dim``, ``num_samples``, ``dtype`` ...); see :func:`options`.
+
+    Raises:
+      UnknownNameError: ``name`` is not registered (the message lists the names).
+      OptionError: an option the problem does not take, or a bad value.
+
+    >>> import jax
+    >>> p = make("quadratic", jax.random.key(1), dim=4)
+    >>> p.init.shape
+    (4,)
+    """
+    _load()
+    check_choice("problem", name, _REGISTRY)
+    accepted = options(name)
+    check_options(f"problem {name!r}", opts, accepted)
+    if key is None:
+        raise OptionError(
+            f"problem {name!r}: key: expected a jax.random.key, got None. Pass jax.random.key(seed)."
+        )
+    return _REGISTRY[name](key, **opts)
+
+
+_LOADED = False
+
+
+def _load() -> None:
+    # Import the modules that register problems (lazily, to keep `import gradlab` cheap and cycle-free).
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from gradlab.problems import _learning, _matrix, _worked  # noqa: F401
