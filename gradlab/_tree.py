@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-__all__ = ["ravel", "tree_dot", "tree_norm", "relative_error", "tree_random_normal", "leaf_paths"]
+__all__ = ["leaf_paths", "ravel", "relative_error", "tree_dot", "tree_norm", "tree_random_normal"]
 
 
 def ravel(tree: Any):

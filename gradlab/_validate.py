@@ -23,8 +23,8 @@ __all__ = [
     "check_options",
     "check_positive",
     "check_positive_int",
-    "check_scalar_output",
     "check_same_structure",
+    "check_scalar_output",
 ]
 
 
@@ -65,7 +65,7 @@ def check_choice(argument: str, value: Any, allowed: Iterable[str]) -> str:
     Traceback (most recent call last):
     ...
     gradlab._validate.UnknownNameError: method: unknown name 'centrl'; expected one of ['central', 'forward']. Did you mean 'central'?
-    """  # noqa: E501
+    """
     allowed = sorted(allowed)
     if value not in allowed:
         raise UnknownNameError(

@@ -25,7 +25,7 @@ from typing import Any
 
 from gradlab._validate import OptionError, check_choice, check_options
 
-__all__ = ["Problem", "make", "names", "options", "register", "describe"]
+__all__ = ["Problem", "describe", "make", "names", "options", "register"]
 
 Params = Any
 Factory = Callable[..., "Problem"]

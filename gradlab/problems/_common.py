@@ -20,7 +20,9 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise OptionError(f"dtype: expected a float dtype such as 'float32' or 'float64', got {dtype!r}.") from None
+        raise OptionError(
+            f"dtype: expected a float dtype such as 'float32' or 'float64', got {dtype!r}."
+        ) from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise OptionError(f"dtype: expected a real floating dtype, got {dt}.")
     if dt == jnp.float64 and not jax.config.jax_enable_x64:

@@ -1,0 +1,204 @@
+"""The ``gradlab`` command line.
+
+Verbs:
+
+- ``gradlab check``: the catalog table — every problem's hand-derived gradient against reverse mode,
+  forward mode, finite differences and (where valid) the complex step, plus the HVP against the dense
+  Hessian. Exit status 0 when every row is ok, 1 otherwise.
+- ``gradlab check MODULE:FUNCTION --at POINT``: the same check for a user's own function at a point given
+  as JSON (a number, a list, or an object of lists for a dict pytree); ``--reference MODULE:FUNCTION``
+  adds the user's closed-form gradient.
+- ``gradlab list``: the catalog problems with their options and defaults.
+- ``gradlab pitfalls``: the classic matrix-calculus pitfalls, with the numbers JAX gives.
+
+Bad input (an unknown problem, a malformed point, a module that does not import) exits with status 2 and a
+one-paragraph message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gradlab._validate import GradlabError
+
+__all__ = ["main"]
+
+
+class UsageError(GradlabError):
+    """A command-line argument that cannot be used as given."""
+
+
+def _enable_x64() -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def _parse_point(text: str) -> Any:
+    import jax.numpy as jnp
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"--at: expected JSON (a number, a list, or an object of lists), got {text!r} ({e.msg}). "
+            "Example: --at '[1.0, 2.0]' or --at '{\"W\": [[1, 2], [3, 4]], \"b\": [0, 0]}'."
+        ) from None
+
+    def to_array(v: Any, where: str) -> Any:
+        if isinstance(v, dict):
+            return {k: to_array(x, f"{where}.{k}") for k, x in v.items()}
+        try:
+            return jnp.asarray(v, dtype=jnp.float64)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"--at{where}: expected numbers or nested lists of numbers, got {v!r}."
+            ) from None
+
+    return to_array(value, "")
+
+
+def _load_callable(spec: str, argument: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(
+            f"{argument}: expected MODULE:FUNCTION (e.g. mypkg.losses:loss), got {spec!r}."
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way
+        raise UsageError(
+            f"{argument}: could not import module {module_name!r}: {type(e).__name__}: {e}. "
+            "Run from the folder that contains it, or install it."
+        ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{argument}: module {module_name!r} has no attribute {attr!r}.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{argument}: {spec!r} is not callable.")
+    return obj
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    _enable_x64()
+    import jax
+
+    from gradlab import checks, problems
+
+    user = [t for t in args.targets if ":" in t]
+    names = [t for t in args.targets if ":" not in t]
+    if user and names:
+        raise UsageError(
+            "check: give either catalog problem names or one MODULE:FUNCTION, not both."
+        )
+    if len(user) > 1:
+        raise UsageError(f"check: give one MODULE:FUNCTION at a time, got {len(user)}.")
+    if user:
+        if args.at is None:
+            raise UsageError(
+                "--at: a point is required to check a user function, "
+                "e.g. gradlab check mymodule:loss --at '[1.0, 2.0]'."
+            )
+        fn = _load_callable(user[0], "check")
+        x = _parse_point(args.at)
+        ref = _load_callable(args.reference, "--reference") if args.reference else None
+        result = checks.gradient(fn, x, reference=ref, complex_step=args.complex_step)
+        print(result)
+        return 0 if result.ok else 1
+    if args.at is not None or args.reference is not None:
+        raise UsageError("--at/--reference: only used with a MODULE:FUNCTION target.")
+    for n in names:
+        from gradlab._validate import check_choice
+
+        check_choice("check: problem", n, problems.names())
+    result = checks.catalog(names or None, key=jax.random.key(args.seed), dtype=args.dtype)
+    print(result.table())
+    if not result.ok:
+        print("\nSome rows are not ok: see the errors above.", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from gradlab import problems
+
+    rows = []
+    for name in problems.names():
+        opts = ", ".join(f"{k}={v!r}" for k, v in problems.options(name).items())
+        rows.append((name, opts, problems.describe(name)))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    print(f"{'problem':<{w0}}  {'options (defaults)':<{w1}}  description")
+    for name, opts, desc in rows:
+        print(f"{name:<{w0}}  {opts:<{w1}}  {desc}")
+    return 0
+
+
+def _cmd_pitfalls(args: argparse.Namespace) -> int:
+    _enable_x64()
+    from gradlab import pitfalls
+
+    print(pitfalls.table())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gradlab import __version__
+
+    p = argparse.ArgumentParser(
+        prog="gradlab",
+        description="A JAX lab for matrix calculus and gradient strategies.",
+    )
+    p.add_argument("--version", action="version", version=f"gradlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser(
+        "check",
+        help="check closed-form gradients (the catalog, or MODULE:FUNCTION at a point)",
+        description="Check gradients: every catalog problem (default), some of them by name, "
+        "or a user's function MODULE:FUNCTION at a point given with --at.",
+    )
+    c.add_argument("targets", nargs="*", metavar="NAME|MODULE:FUNCTION")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random instances (default 0)")
+    c.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    c.add_argument("--at", help="the point, as JSON (number, list, or object of lists)")
+    c.add_argument("--reference", metavar="MODULE:FUNCTION", help="a closed-form gradient to check")
+    c.add_argument(
+        "--complex-step", action="store_true", help="also use the complex step (analytic f only)"
+    )
+    c.set_defaults(func=_cmd_check)
+
+    ls = sub.add_parser("list", help="list the catalog problems with their options")
+    ls.set_defaults(func=_cmd_list)
+
+    pf = sub.add_parser("pitfalls", help="show the classic pitfalls with the numbers JAX gives")
+    pf.set_defaults(func=_cmd_pitfalls)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``gradlab`` command; return its exit status (2 for bad input, without a traceback)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GradlabError as e:
+        print(f"gradlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""The command line: real output, exit codes, and bad input that exits 2 without a traceback."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gradlab import cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_some_catalog_problems(capsys):
+    code, out, _ = run(capsys, "check", "toy_graph", "quadratic")
+    assert code == 0
+    assert "toy_graph" in out and "quadratic" in out
+    assert "ok" in out
+
+
+def test_list_shows_problems_and_defaults(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert "least_squares" in out and "dim=10" in out
+
+
+def test_unknown_problem_exits_2(capsys):
+    code, _, err = run(capsys, "check", "quadratc")
+    assert code == 2
+    assert "unknown name 'quadratc'" in err and "Did you mean 'quadratic'" in err
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "mylosses.py").write_text(
+        textwrap.dedent(
+            """
+            import jax.numpy as jnp
+
+            def loss(x):
+                return jnp.sum(x ** 3) + x[0] * x[1]
+
+            def good(x):
+                return 3 * x ** 2 + jnp.array([x[1], x[0]])
+
+            def half(x):
+                return 0.5 * good(x)
+
+            def dict_loss(p):
+                return jnp.sum(p["W"] @ p["b"])
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    yield "mylosses"
+    sys.modules.pop("mylosses", None)
+
+
+def test_check_user_function(capsys, user_module):
+    code, out, _ = run(capsys, "check", f"{user_module}:loss", "--at", "[1.0, 2.0]")
+    assert code == 0 and "reverse" in out
+    code, out, _ = run(
+        capsys,
+        "check",
+        f"{user_module}:loss",
+        "--at",
+        "[1.0, 2.0]",
+        "--reference",
+        f"{user_module}:good",
+    )
+    assert code == 0
+    code, out, _ = run(
+        capsys,
+        "check",
+        f"{user_module}:loss",
+        "--at",
+        "[1.0, 2.0]",
+        "--reference",
+        f"{user_module}:half",
+    )
+    assert code == 1
+    assert "0.5" in out
+
+
+def test_check_user_function_with_dict_point(capsys, user_module):
+    point = '{"W": [[1.0, 2.0], [3.0, 4.0]], "b": [0.5, -1.0]}'
+    code, out, _ = run(capsys, "check", f"{user_module}:dict_loss", "--at", point)
+    assert code == 0
+    assert "central" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check", "mylosses:loss"], "--at: a point is required"),
+        (["check", "mylosses:loss", "--at", "[1, 2"], "--at: expected JSON"),
+        (["check", "mylosses:nope", "--at", "[1.0]"], "has no attribute 'nope'"),
+        (["check", "nomodule_xyz:f", "--at", "[1.0]"], "could not import module 'nomodule_xyz'"),
+        (["check", "toy_graph", "--at", "[1.0]"], "only used with a MODULE:FUNCTION"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(capsys, user_module, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_no_traceback_from_the_console_script():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradlab", "check", "not_a_problem"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown name 'not_a_problem'" in proc.stderr
+    assert "Traceback" not in proc.stderr
