@@ -38,5 +38,5 @@ def random_spd(key: Any, n: int, *, cond: float = 10.0, dtype: Any = None) -> ja
     dt = resolve_dtype(dtype)
     q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n), dt))
     eig = jnp.logspace(0.0, jnp.log10(cond), n, dtype=dt) if n > 1 else jnp.ones((1,), dt)
-    a = (q * eig) @ q.T
+    a = (q * eig[None, :]) @ q.T
     return (a + a.T) / 2
