@@ -25,7 +25,16 @@ from typing import Any
 
 from gradlab._validate import OptionError, check_choice, check_options
 
-__all__ = ["Problem", "describe", "make", "names", "options", "register"]
+__all__ = [
+    "Problem",
+    "SchwarzMixedPartials",
+    "describe",
+    "make",
+    "names",
+    "options",
+    "register",
+    "schwarz_mixed_partials",
+]
 
 Params = Any
 Factory = Callable[..., "Problem"]
@@ -102,7 +111,6 @@ def register(name: str) -> Callable[[Factory], Factory]:
 
 def names() -> list[str]:
     """The registered problem names, sorted."""
-    _load()
     return sorted(_REGISTRY)
 
 
@@ -112,7 +120,6 @@ def options(name: str) -> dict[str, Any]:
     >>> options("least_squares")["dim"]
     10
     """
-    _load()
     check_choice("problem", name, _REGISTRY)
     sig = inspect.signature(_REGISTRY[name])
     return {
@@ -124,7 +131,6 @@ def options(name: str) -> dict[str, Any]:
 
 def describe(name: str) -> str:
     """The first line of the docstring of problem ``name``."""
-    _load()
     check_choice("problem", name, _REGISTRY)
     doc = inspect.getdoc(_REGISTRY[name]) or ""
     return doc.splitlines()[0] if doc else ""
@@ -147,7 +153,6 @@ def make(name: str, key: Any, /, **opts: Any) -> Problem:
     >>> p.init.shape
     (4,)
     """
-    _load()
     check_choice("problem", name, _REGISTRY)
     accepted = options(name)
     check_options(f"problem {name!r}", opts, accepted)
@@ -158,12 +163,7 @@ def make(name: str, key: Any, /, **opts: Any) -> Problem:
     return _REGISTRY[name](key, **opts)
 
 
-_LOADED = False
-
-
-def _load() -> None:
-    # Import the modules that register problems (lazily, to keep `import gradlab` cheap and cycle-free).
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from gradlab.problems import _learning, _matrix, _worked  # noqa: F401
+# The catalog modules register their problems on import; they import `register` from this module, so they
+# come last.
+from gradlab.problems import _learning, _matrix, _worked  # noqa: E402, F401
+from gradlab.problems._worked import SchwarzMixedPartials, schwarz_mixed_partials  # noqa: E402
