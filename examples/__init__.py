@@ -1,0 +1,1 @@
+"""Small user-side examples used by the README (``gradlab check examples.losses:...``)."""

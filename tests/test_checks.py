@@ -1,0 +1,483 @@
+"""The gradient checker against known truths: right gradients pass, the classic wrong ones are caught and
+named, the difference errors have the textbook orders, and the catalog's closed forms all pass.
+
+Test functions are module-level so that the checker's compiled function is reused across seeds.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradlab import checks, problems
+from gradlab._validate import NotScalarError, OptionError, ShapeError, UnknownNameError
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functions with hand-derived gradients
+# ---------------------------------------------------------------------------------------------------
+
+
+def smooth(x):
+    """f(x) = Σ sin(x_i)·x_i + log Σ exp(x_i)."""
+    return jnp.sum(jnp.sin(x) * x) + jax.nn.logsumexp(x)
+
+
+def smooth_grad(x):
+    return jnp.sin(x) + x * jnp.cos(x) + jax.nn.softmax(x)
+
+
+def layer(p):
+    """f(W, b) = Σ log(1 + exp(W x0 + b)) + ½‖W‖², W square (so a transpose keeps the shape).
+
+    Written with log1p∘exp rather than jax.nn.softplus (which uses max and abs) to stay analytic.
+    """
+    x0 = jnp.array([1.0, -2.0, 0.5], dtype=p["W"].dtype)
+    return jnp.sum(jnp.log1p(jnp.exp(p["W"] @ x0 + p["b"]))) + 0.5 * jnp.sum(p["W"] ** 2)
+
+
+def layer_grad(p):
+    x0 = jnp.array([1.0, -2.0, 0.5], dtype=p["W"].dtype)
+    s = jax.nn.sigmoid(p["W"] @ x0 + p["b"])
+    return {"W": jnp.outer(s, x0) + p["W"], "b": s}
+
+
+def rect(W):
+    """f(W) = Σ tanh(W) ⊙ C for a non-square W (a transposed gradient has the wrong shape)."""
+    return jnp.sum(jnp.tanh(W) * jnp.arange(1.0, 1.0 + W.size).reshape(W.shape))
+
+
+def analytic(x):
+    """Real-analytic and complex-safe: exp, sin, division, products."""
+    return jnp.sum(jnp.exp(x) * jnp.sin(x) / (1.0 + x**2))
+
+
+def quartic(x):
+    return jnp.sum(x**4) / 4 + jnp.sum(x[:-1] * x[1:])
+
+
+def quartic_hvp(x, v):
+    shifted = jnp.concatenate([v[1:], jnp.zeros(1, v.dtype)]) + jnp.concatenate(
+        [jnp.zeros(1, v.dtype), v[:-1]]
+    )
+    return 3 * x**2 * v + shifted
+
+
+def point(key, n=6, dtype=jnp.float64):
+    return jax.random.normal(key, (n,), dtype)
+
+
+def layer_point(key, dtype=jnp.float64):
+    kw, kb = jax.random.split(key)
+    return {"W": jax.random.normal(kw, (3, 3), dtype), "b": jax.random.normal(kb, (3,), dtype)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Right gradients pass
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_correct_gradient_passes(key):
+    check = checks.gradient(smooth, point(key), reference=smooth_grad)
+    assert check.ok, check.message
+    assert check.message == ""
+    assert set(check.errors) == {"reverse", "forward", "forward_diff", "central_diff", "reference"}
+    assert check.errors["reverse"] == 0.0
+    assert check.errors["reference"] <= 1e-14
+    assert set(check.tolerances) == set(check.errors)
+    assert check.dtype == np.float64
+    assert float(check.value) == pytest.approx(float(smooth(point(key))))
+    check.raise_if_failed()
+
+
+def test_correct_gradient_passes_on_a_dict_pytree(key):
+    x = layer_point(key)
+    check = checks.gradient(layer, x, reference=layer_grad, complex_step=True)
+    assert check.ok, check.message
+    for m, g in check.grads.items():
+        assert jax.tree.structure(g) == jax.tree.structure(x), m
+        assert g["W"].shape == (3, 3)
+    assert set(check.steps) == {"forward_diff", "central_diff", "complex_step"}
+    assert jax.tree.structure(check.steps["central_diff"]) == jax.tree.structure(x)
+
+
+def test_reference_as_a_value_and_as_a_numpy_callable(key):
+    x = point(key)
+    by_value = checks.gradient(smooth, x, reference=smooth_grad(x))
+    assert by_value.ok, by_value.message
+
+    def numpy_reference(x):  # not traceable: evaluated eagerly
+        x = np.asarray(x)
+        e = np.exp(x - x.max())
+        return np.sin(x) + x * np.cos(x) + e / e.sum()
+
+    by_numpy = checks.gradient(smooth, x, reference=numpy_reference)
+    assert by_numpy.ok, by_numpy.message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wrong gradients are caught and named
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_half_gradient_is_rejected_with_the_factor(key):
+    check = checks.gradient(smooth, point(key), reference=lambda x: 0.5 * smooth_grad(x))
+    assert not check.ok
+    assert check.errors["reference"] == pytest.approx(0.5, rel=1e-12)
+    assert "reference ≈ 0.5 × reverse mode: a missing factor 2?" in check.message
+    with pytest.raises(AssertionError, match="missing factor 2"):
+        check.raise_if_failed()
+
+
+def test_sign_flipped_gradient_is_rejected(key):
+    check = checks.gradient(smooth, point(key), reference=lambda x: -smooth_grad(x))
+    assert not check.ok
+    assert "sign flipped" in check.message
+
+
+def test_transposed_matrix_gradient_is_rejected(key):
+    def transposed(p):
+        g = layer_grad(p)
+        return {"W": g["W"].T, "b": g["b"]}
+
+    check = checks.gradient(layer, layer_point(key), reference=transposed)
+    assert not check.ok
+    assert "TRANSPOSE of the gradient in x['W']" in check.message
+    assert "x['b']" not in check.message  # only W's entries disagree
+    assert "x['W'][" in check.message
+
+
+def test_transposed_shape_is_a_shape_error(key):
+    W = jax.random.normal(key, (2, 3))
+    with pytest.raises(ShapeError, match=r"TRANSPOSED shape \(3, 2\)"):
+        checks.gradient(rect, W, reference=lambda W: jax.grad(rect)(W).T)
+
+
+def test_message_names_the_disagreeing_entries(key):
+    x = layer_point(key)
+    good = layer_grad(x)
+    bad = {"W": good["W"], "b": good["b"].at[1].add(1.0)}
+    check = checks.gradient(layer, x, reference=bad)
+    assert not check.ok
+    assert "1 of 12 entries disagree" in check.message
+    expected = float(good["b"][1])
+    assert f"x['b'][1]: expected {expected:.6g} (reverse mode), got {expected + 1:.6g}" in (
+        check.message
+    )
+    # the table lists every method with its error and tolerance, and the failing one
+    table = check.table()
+    assert table.splitlines()[0].split() == ["method", "rel.", "error", "tolerance", "ok"]
+    assert "FAIL" in table and str(check).endswith(check.message)
+
+
+def test_reference_with_the_wrong_structure_says_what_was_expected(key):
+    x = layer_point(key)
+    with pytest.raises(ShapeError, match="expected a pytree with the structure"):
+        checks.gradient(layer, x, reference={"W": x["W"]})
+    with pytest.raises(ShapeError, match=r"leaf 1 has shape \(4,\), expected \(3,\)"):
+        checks.gradient(layer, x, reference={"W": x["W"], "b": jnp.zeros(4)})
+
+
+@jax.custom_vjp
+def wrong_square(x):
+    return x**2
+
+
+wrong_square.defvjp(lambda x: (x**2, x), lambda x, g: (g * x,))  # wrong: d(x²) = 2x dx
+
+
+def sum_wrong_square(x):
+    return jnp.sum(wrong_square(x))
+
+
+def test_a_wrong_ad_rule_is_caught_by_the_differences(key):
+    check = checks.gradient(sum_wrong_square, point(key), complex_step=True)
+    assert not check.ok
+    failed = {m for m in check.errors if check.errors[m] > check.tolerances[m]}
+    assert failed == {"forward_diff", "central_diff", "complex_step"}
+    assert "every other method disagrees with reverse mode" in check.message
+    assert "an extra factor 2" in check.message  # the differences (right) = 2 × reverse (wrong)
+    # a custom_vjp has no JVP: forward mode is skipped, and said so
+    assert "forward" not in check.errors
+    assert "forward mode skipped: f uses a custom_vjp rule" in check.table()
+    with pytest.raises(OptionError, match="custom_vjp"):
+        checks.gradient(sum_wrong_square, point(key), methods=["forward"])
+
+
+def test_hvp_of_a_custom_vjp_uses_reverse_over_reverse(key):
+    x = point(key)
+    with pytest.raises(OptionError, match="rev_rev"):
+        checks.hvp(sum_wrong_square, x, "fwd_rev", key=key)
+    # the wrong rule's "Hessian" is I (from g·x), consistently in both the HVP and the oracle
+    result = checks.hvp(sum_wrong_square, x, "rev_rev", key=key)
+    assert result.ok, result.message
+    np.testing.assert_allclose(result.expected, result.v, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accuracy of the methods: complex step and the difference orders
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_complex_step_is_accurate_to_machine_precision(key):
+    check = checks.gradient(analytic, point(key), complex_step=True)
+    assert check.ok, check.message
+    assert check.errors["complex_step"] <= 2e-15
+    # no cancellation: far more accurate than the best difference formula
+    assert check.errors["complex_step"] < 1e-3 * check.errors["central_diff"]
+
+
+def test_difference_errors_have_the_predicted_order(key):
+    check = checks.gradient(analytic, point(key))
+    fwd, cen = check.errors["forward_diff"], check.errors["central_diff"]
+    # forward: O(h) + O(ε/h) at h = √ε → ~√ε; central: O(h²) + O(ε/h) at h = ε^{1/3} → ~ε^{2/3}
+    assert EPS64**0.5 / 10 <= fwd <= 100 * EPS64**0.5, fwd
+    assert EPS64 ** (2 / 3) / 100 <= cen <= 100 * EPS64 ** (2 / 3), cen
+    assert cen < fwd / 30
+
+
+def test_complex_step_refuses_a_non_analytic_loss():
+    with pytest.raises(OptionError, match="not analytic"):
+        checks.gradient(lambda x: jnp.sum(jnp.abs(x)), jnp.ones(3), complex_step=True)
+
+
+def test_float32_works_with_looser_tolerances(key):
+    x32, x64 = point(key, dtype=jnp.float32), point(key, dtype=jnp.float64)
+    c32 = checks.gradient(smooth, x32, reference=smooth_grad)
+    c64 = checks.gradient(smooth, x64, reference=smooth_grad)
+    assert c32.ok, c32.message
+    assert c32.dtype == np.float32
+    for m in c32.tolerances:
+        assert c32.tolerances[m] > c64.tolerances[m], m
+    assert c32.tolerances["reference"] == 1e-4 and c64.tolerances["reference"] == 1e-8
+    assert c32.grads["reverse"].dtype == jnp.float32
+    bad = checks.gradient(smooth, x32, reference=lambda x: 0.5 * smooth_grad(x))
+    assert not bad.ok and "missing factor 2" in bad.message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step sweep: the measured optimum of central differences is at ε^{1/3}
+# ---------------------------------------------------------------------------------------------------
+
+SWEEP_FUNCTIONS = {
+    "cubic": lambda x: jnp.sum(x**3) / 3 + jnp.sum(x),
+    "tanh": lambda x: jnp.sum(jnp.tanh(x)),
+    "sin_x": lambda x: jnp.sum(jnp.sin(x) * x),
+    "rosenbrock": lambda x: jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2),
+    "log_det": lambda x: jnp.linalg.slogdet(2 * jnp.eye(3) + jnp.outer(x[:3], x[:3]))[1],
+    "exp_sin": lambda x: jnp.sum(jnp.exp(x) + jnp.sin(x)),
+    "logistic": lambda x: jnp.sum(jnp.log1p(jnp.exp(-x * jnp.arange(1, 6) / 5))),
+}
+
+
+@jax.jit(static_argnums=0)
+def _third_derivative(f, x, v):
+    return jax.grad(jax.grad(jax.grad(lambda t: f(x + t * v))))(jnp.zeros((), x.dtype))
+
+
+@pytest.mark.parametrize("random_direction", [False, True], ids=["ones", "random"])
+def test_step_sweep_optimum_matches_theory(key, random_direction):
+    """Central differences: e(h) ≈ |f'''|h²/6 + cε|f|/h is smallest at h* = (3cε|f|/|f'''|)^{1/3}.
+
+    Honest version of "the best step is ε^{1/3}·scale": (1) for every function the measured optimum is
+    within 3× of h* computed from the function's own |f| and |f'''| (by AD, c = 1); (2) for those
+    functions whose value and third derivative are of one size (h* within 2× of ε^{1/3}·scale), the
+    measured optimum is within 3× of ε^{1/3}·scale. Functions where they are not (exp_sin and logistic
+    have |f'''| ≪ |f| here) are kept in, and only checked by (1). Measured: best/h* = 0.5-0.8 (the
+    round-off constant c < 1), and best/(ε^{1/3}·scale) = 0.4-2.1 where the second claim applies.
+    """
+    x = 0.5 * point(key, n=5)
+    one_size = 0
+    for name, f in SWEEP_FUNCTIONS.items():
+        sweep = checks.step_sweep(
+            f, x, key=jax.random.fold_in(key, 1) if random_direction else None
+        )
+        v = sweep.direction
+        h_theory = (3 * EPS64 * abs(float(f(x))) / abs(float(_third_derivative(f, x, v)))) ** (
+            1 / 3
+        )
+        best, predicted = sweep.best_step["central"], sweep.predicted_step["central"]
+        assert predicted == pytest.approx(EPS64 ** (1 / 3) * sweep.scale)
+        assert 1 / 3 <= best / h_theory <= 3, (name, best, h_theory)
+        if 1 / 2 <= h_theory / predicted <= 2:
+            one_size += 1
+            assert 1 / 3 <= best / predicted <= 3, (name, best, predicted)
+    assert one_size >= 1  # the second claim is not vacuous (3-5 of 7 along the all-ones direction)
+
+
+def test_step_sweep_table_and_shapes(key):
+    sweep = checks.step_sweep(smooth, point(key), steps=np.logspace(-12, -2, 21))
+    assert sweep.steps.shape == (21,)
+    assert set(sweep.errors) == {"forward", "central"}
+    assert sweep.exact == pytest.approx(float(jnp.vdot(smooth_grad(point(key)), sweep.direction)))
+    # the V: forward is best near √ε, where central is still far from its own minimum
+    assert sweep.best_step["forward"] < sweep.best_step["central"]
+    table = sweep.table()
+    assert "≈ best central" in table and "≈ predicted forward" in table
+    with pytest.raises(OptionError, match="positive"):
+        checks.step_sweep(smooth, point(key), steps=[1e-3, -1e-3])
+    with pytest.raises(UnknownNameError):
+        checks.step_sweep(smooth, point(key), methods=("backward",))
+
+
+# ---------------------------------------------------------------------------------------------------
+# HVP check
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", checks.HVP_MODES)
+def test_hvp_modes_pass(key, mode):
+    result = checks.hvp(quartic, point(key), mode, key=jax.random.fold_in(key, 1))
+    assert result.ok, result.message
+    assert result.error <= 1e-13
+    assert result.mode == mode
+
+
+def test_hvp_closed_form_passes_and_a_wrong_one_fails(key):
+    x, v = point(key), point(jax.random.fold_in(key, 1))
+    good = checks.hvp(quartic, x, quartic_hvp, v=v)
+    assert good.ok, good.message
+    np.testing.assert_allclose(good.value, good.expected, rtol=1e-12)
+
+    bad = checks.hvp(quartic, x, lambda x, v: quartic_hvp(x, v) - 2 * x**2 * v, v=v)  # 3x² → x²
+    assert not bad.ok
+    assert "hvp check failed" in bad.message and "x[" in bad.message
+    sign = checks.hvp(quartic, x, lambda x, v: -quartic_hvp(x, v), v=v)
+    assert "sign flipped" in sign.message
+
+
+def test_hvp_on_a_dict_pytree(key):
+    result = checks.hvp(layer, layer_point(key), "rev_fwd", key=key)
+    assert result.ok, result.message
+    assert result.value["W"].shape == (3, 3)
+
+
+def test_hvp_validation():
+    with pytest.raises(OptionError, match="key"):
+        checks.hvp(quartic, jnp.ones(3), "fwd_rev")
+    with pytest.raises(UnknownNameError, match="fwd_rev"):
+        checks.hvp(quartic, jnp.ones(3), "fwd_fwd", key=jax.random.key(0))
+    with pytest.raises(ShapeError):
+        checks.hvp(quartic, jnp.ones(3), "fwd_rev", v=jnp.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_non_scalar_output_is_refused():
+    with pytest.raises(NotScalarError, match=r"shape \(3,\)"):
+        checks.gradient(lambda x: x**2, jnp.ones(3))
+    with pytest.raises(NotScalarError, match="complex"):
+        checks.gradient(lambda x: jnp.sum(x) * 1j, jnp.ones(3))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(UnknownNameError, match="Did you mean 'central_diff'"):
+        checks.gradient(smooth, jnp.ones(3), methods=["central_dif"])
+    with pytest.raises(OptionError, match="no reference was given"):
+        checks.gradient(smooth, jnp.ones(3), methods=["reference"])
+
+
+def test_methods_subset_and_step(key):
+    x = point(key)
+    check = checks.gradient(smooth, x, methods=["central_diff"], step=1e-4)
+    assert set(check.errors) == {"reverse", "central_diff"}
+    h = check.steps["central_diff"]
+    np.testing.assert_allclose(h, 1e-4 * jnp.maximum(1.0, jnp.abs(x)), rtol=1e-10)
+
+
+def test_non_differentiable_point_and_stationary_point():
+    check = checks.gradient(jnp.linalg.norm, jnp.zeros(3))  # jax.grad(norm)(0) = NaN
+    assert not check.ok
+    assert "the reverse-mode gradient (the baseline) has 3 non-finite entries" in check.message
+    # at a stationary point the errors are absolute, and the right gradient (zero) still passes
+    flat = checks.gradient(lambda x: jnp.sum(x**2), jnp.zeros(3))
+    assert flat.ok, flat.message
+
+
+def test_integer_point_is_refused():
+    with pytest.raises(OptionError, match="floating"):
+        checks.gradient(smooth, jnp.arange(3))
+
+
+def test_second_call_does_not_retrace(key):
+    traces = []
+
+    def f(x):
+        traces.append(1)
+        return jnp.sum(jnp.cos(x) ** 2)
+
+    checks.gradient(f, point(key), complex_step=True)
+    n = len(traces)
+    checks.gradient(f, point(jax.random.fold_in(key, 1)), complex_step=True)
+    assert len(traces) == n
+
+
+# ---------------------------------------------------------------------------------------------------
+# The catalog: every problem's closed forms pass (parametrised so that pytest-xdist can spread them)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", problems.names())
+def test_catalog_problem_passes(name):
+    result = checks.catalog([name], key=jax.random.key(0))
+    row = result.rows[0]
+    assert row.name == name
+    assert result.ok, result.table()
+    assert row.errors["reference"] <= 1e-10
+    assert row.hvp_error is None or row.hvp_error <= row.hvp_tolerance
+
+
+def test_catalog_table_columns():
+    result = checks.catalog(["quadratic", "log_det"], key=jax.random.key(0))
+    lines = result.table().splitlines()
+    assert lines[0].split() == [
+        "problem",
+        "reverse",
+        "forward",
+        "forward_diff",
+        "central_diff",
+        "complex_step",
+        "reference",
+        "hvp",
+        "ok",
+    ]
+    assert [r.name for r in result.rows] == ["quadratic", "log_det"]
+    log_det = lines[3].split()
+    assert log_det[0] == "log_det" and log_det[5] == "-"  # not analytic: no complex step
+    assert lines[-1] == "2 of 2 problems ok (float64)."
+    with pytest.raises(UnknownNameError):
+        checks.catalog(["quadratc"], key=jax.random.key(0))
+
+
+def test_catalog_in_float32():
+    result = checks.catalog(["quadratic", "log_det"], key=jax.random.key(0), dtype="float32")
+    assert result.ok, result.table()
+    assert result.table().splitlines()[-1] == "2 of 2 problems ok (float32)."
+    assert 1e-9 < result.rows[0].errors["reference"] <= 1e-4  # float32 rounding, float32 tolerance
+
+
+def test_catalog_reports_a_wrong_problem_and_a_broken_one(monkeypatch):
+    def half_gradient(key, /, *, dim=4):
+        good = problems.make("quadratic", key, dim=dim)
+        return dataclasses.replace(good, name="zz_half", grad=lambda x: 0.5 * good.grad(x))
+
+    def broken(key, /):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(problems._REGISTRY, "zz_half", half_gradient)
+    monkeypatch.setitem(problems._REGISTRY, "zz_broken", broken)
+    result = checks.catalog(["quadratic", "zz_half", "zz_broken"], key=jax.random.key(0))
+    assert not result.ok
+    assert [r.ok for r in result.rows] == [True, False, False]
+    table = result.table()
+    assert "1 of 3 problems ok (float64)." in table
+    assert "zz_half:\ngradient check failed: reference disagrees" in table
+    assert "reference ≈ 0.5 × reverse mode: a missing factor 2?" in table
+    assert "zz_broken:\nerror: RuntimeError: boom" in table
