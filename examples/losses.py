@@ -1,7 +1,7 @@
 """A user's own loss and two hand-derived gradients, one right and one with the classic mistake.
 
-    gradlab check examples.losses:stress --at '[[0,0],[1,0],[0,2]]' --reference examples.losses:stress_grad
-    gradlab check examples.losses:stress --at '[[0,0],[1,0],[0,2]]' --reference examples.losses:stress_grad_wrong
+gradlab check examples.losses:stress --at '[[0,0],[1,0],[0,2]]' --reference examples.losses:stress_grad
+gradlab check examples.losses:stress --at '[[0,0],[1,0],[0,2]]' --reference examples.losses:stress_grad_wrong
 """
 
 import jax.numpy as jnp

@@ -1014,7 +1014,7 @@ class StepSweep:
             f"predicted {self.predicted_step[m]:.2e}"
             for m in methods
         ]
-        return _table(["step", *methods, ""], rows, left=0) + "\n" + "\n".join(summary)
+        return _table(["step", *methods, "note"], rows, left=0) + "\n" + "\n".join(summary)
 
     def __str__(self) -> str:
         return self.table()

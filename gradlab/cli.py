@@ -120,7 +120,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for n in names:
         from gradlab._validate import check_choice
 
-        check_choice("check: problem", n, problems.names())
+        check_choice("problem", n, problems.names())
     result = checks.catalog(names or None, key=jax.random.key(args.seed), dtype=args.dtype)
     print(result.table())
     if not result.ok:

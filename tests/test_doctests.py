@@ -29,6 +29,7 @@ def test_module_doctests(name):
 
 def test_readme_doctests():
     result = doctest.testfile(str(ROOT / "README.md"), module_relative=False, optionflags=FLAGS)
+    assert result.attempted >= 10, "the README's Python examples were not found"
     assert result.failed == 0, (
         f"{result.failed} README doctest(s) failed (run pytest -s to see them)"
     )
