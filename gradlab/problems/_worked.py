@@ -342,33 +342,35 @@ def forward_mode_example(key: Any, /, *, dtype: Any = None) -> Problem:
 # --------------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def _schwarz_loss(p: jax.Array) -> jax.Array:
+def _schwarz_scaled(p: jax.Array):
+    """x, y, whether (x, y) ≠ 0, and the scale-free a = x²/r², b = y²/r² (r² = x² + y²).
+
+    a and b are computed from u, v = x/s, y/s with s = max(|x|, |y|), so that no x² + y² underflows into
+    0/0 near the origin. They are homogeneous of degree 0, so s is held constant for the derivatives
+    (stop_gradient) and every derivative stays exact. The double-where trick: the formula never sees
+    s = 0, so its derivative stays finite; the callers' outer where gives the value at the origin.
+    """
     x, y = p[0], p[1]
-    # f = xy·(x² − y²)/(x² + y²), with the ratio computed from u, v = x/s, y/s, s = max(|x|, |y|), so
-    # that no x² + y² underflows into 0/0 near the origin. The ratio is homogeneous of degree 0, so s
-    # is held constant for the derivatives (stop_gradient) and every derivative stays exact. The
-    # double-where trick: the formula branch never sees s = 0, so its derivative stays finite, and the
-    # outer where gives the origin f = 0.
     s = jax.lax.stop_gradient(jnp.maximum(jnp.abs(x), jnp.abs(y)))
     nonzero = s > 0
     s = jnp.where(nonzero, s, 1)
     u, v = x / s, y / s
     q = jnp.where(nonzero, u * u + v * v, 1)
-    return jnp.where(nonzero, x * y * (u * u - v * v) / q, 0)
+    return x, y, nonzero, u * u / q, v * v / q
+
+
+@jax.jit
+def _schwarz_loss(p: jax.Array) -> jax.Array:
+    # f = xy·(x² − y²)/(x² + y²) = xy·(a − b); f(0, 0) = 0.
+    x, y, nonzero, a, b = _schwarz_scaled(p)
+    return jnp.where(nonzero, x * y * (a - b), 0)
 
 
 @jax.jit
 def _schwarz_grad(p: jax.Array) -> jax.Array:
-    x, y = p[0], p[1]
-    # ∂f/∂x = y(x⁴ + 4x²y² − y⁴)/r⁴ and ∂f/∂y = x(x⁴ − 4x²y² − y⁴)/r⁴, with a = x²/r², b = y²/r²
-    # (computed from the scaled u, v as in the loss): ∂f/∂x = y(a² + 4ab − b²), ∂f/∂y = x(a² − 4ab − b²).
-    s = jax.lax.stop_gradient(jnp.maximum(jnp.abs(x), jnp.abs(y)))
-    nonzero = s > 0
-    s = jnp.where(nonzero, s, 1)
-    u, v = x / s, y / s
-    q = jnp.where(nonzero, u * u + v * v, 1)
-    a, b = u * u / q, v * v / q
+    # ∂f/∂x = y(x⁴ + 4x²y² − y⁴)/r⁴ and ∂f/∂y = x(x⁴ − 4x²y² − y⁴)/r⁴, with a = x²/r², b = y²/r²:
+    # ∂f/∂x = y(a² + 4ab − b²), ∂f/∂y = x(a² − 4ab − b²).
+    x, y, nonzero, a, b = _schwarz_scaled(p)
     grad = jnp.stack([y * (a * a + 4 * a * b - b * b), x * (a * a - 4 * a * b - b * b)])
     return jnp.where(nonzero, grad, 0)
 
