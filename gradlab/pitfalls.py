@@ -160,6 +160,9 @@ def svd_repeated() -> Pitfall:
     SVD rule still forms ``1/(σ₂² − σ₃²) = 1/0`` for the tied pair, and ``inf · 0`` spreads NaN to every
     entry. Central differences give the finite truth; a loss of the singular values alone has no
     ``1/(σᵢ² − σⱼ²)`` term and its gradient ``U Vᵀ`` is exact.
+
+    >>> svd_repeated().values["nan_fraction"]
+    1.0
     """
     with jax.enable_x64(True):
         v = jax.tree.map(np.asarray, _svd_repeated_arrays(jnp.diag(jnp.array([3.0, 2.0, 2.0]))))
@@ -185,6 +188,9 @@ def svd_near_degenerate(gaps: Sequence[float] = (1e-2, 1e-4, 1e-6, 1e-8)) -> Pit
     For ``W = diag(a, 1)``, ``a = 1 + g``, the first left singular vector turns by
     ``dθ = (a dW₁₀ + dW₀₁)/(a² − 1)``, so ``∂U[1,0]/∂W[1,0] = a/(a² − 1) ≈ 1/(2g)``: JAX is right, the
     singular vectors are ill-conditioned.
+
+    >>> [round(g) for g in svd_near_degenerate(gaps=(1e-2, 1e-4)).values["grad"]]
+    [50, 5000]
     """
 
     def u10(W):
@@ -216,7 +222,11 @@ def svd_near_degenerate(gaps: Sequence[float] = (1e-2, 1e-4, 1e-6, 1e-8)) -> Pit
 
 
 def sqrt_at_zero() -> Pitfall:
-    """``grad(sqrt)(0) = inf``, and ``inf · 0`` turns ``sqrt(x²)`` at 0 into NaN."""
+    """``grad(sqrt)(0) = inf``, and ``inf · 0`` turns ``sqrt(x²)`` at 0 into NaN.
+
+    >>> sqrt_at_zero().values["grad_sqrt"]
+    inf
+    """
     with jax.enable_x64(True):
         zero = jnp.zeros((), jnp.float64)
         d_sqrt = float(jax.grad(jnp.sqrt)(zero))
@@ -236,7 +246,11 @@ def sqrt_at_zero() -> Pitfall:
 
 
 def norm_at_zero() -> Pitfall:
-    """``grad(norm)(0)`` and even ``grad(norm(x)**2)(0)`` are NaN; ``sum(x**2)`` and a safe norm are not."""
+    """``grad(norm)(0)`` and even ``grad(norm(x)**2)(0)`` are NaN; ``sum(x**2)`` and a safe norm are not.
+
+    >>> norm_at_zero().values["grad_norm"]
+    array([nan, nan, nan])
+    """
     with jax.enable_x64(True):
         zeros = jnp.zeros(3, jnp.float64)
         g_norm = np.asarray(jax.grad(jnp.linalg.norm)(zeros))
@@ -289,6 +303,9 @@ def logdet_overflow(n: int = 200) -> Pitfall:
     ``det(10⁻³ I₂₀₀) = 10⁻⁶⁰⁰`` is 0 in float64 and ``det(100 I₂₀₀) = 10⁴⁰⁰`` is inf. The log is then
     ±inf, and the gradient is NaN in the first case and, worse, silently 0 in the second, while the
     true gradient is ``X⁻ᵀ``. ``slogdet`` sums ``log |u_ii|`` over the LU factors, never the product.
+
+    >>> logdet_overflow(n=200).values["small"]["logdet_naive"]
+    -inf
     """
     with jax.enable_x64(True):
         out: dict[str, Any] = {}
@@ -333,7 +350,11 @@ def logdet_overflow(n: int = 200) -> Pitfall:
 
 
 def subgradients_at_zero() -> Pitfall:
-    """At the kink JAX returns *a* subgradient, and which one depends on how the function is written."""
+    """At the kink JAX returns *a* subgradient, and which one depends on how the function is written.
+
+    >>> subgradients_at_zero().values
+    {'abs': 1.0, 'maximum': 0.5, 'relu': 0.0}
+    """
     with jax.enable_x64(True):
         zero = jnp.zeros((), jnp.float64)
         vals = {
@@ -394,6 +415,9 @@ def mds_factor() -> Pitfall:
     ``dL = Σ_ij 2 r_ij · 2⟨W_i − W_j, dW_i − dW_j⟩``; ``W_i`` appears in both the (i, j) and the
     (j, i) term, so for symmetric ``D`` the gradient is ``∇_{W_i} L = 8 Σ_j r_ij (W_i − W_j)``.
     Counting only the (i, j) term gives the factor 4.
+
+    >>> mds_factor().values["ratio"]
+    0.5
     """
     with jax.enable_x64(True):
         v = {k: float(x) for k, x in _mds_arrays(*_mds_data()).items()}
@@ -440,6 +464,9 @@ def stress_at_zero_distance() -> Pitfall:
 
     The diagonal terms ``(‖W_i − W_i‖ − 0)²`` are constant 0, but their backward pass multiplies the
     cotangent 0 by the NaN gradient of the norm at 0 (see :func:`norm_at_zero`).
+
+    >>> stress_at_zero_distance().values["nan_fraction"]
+    1.0
     """
     with jax.enable_x64(True):
         W, D2 = _mds_data()
@@ -483,6 +510,10 @@ def inv_vs_solve(cond: float = 1e12, n: int = 50) -> Pitfall:
     ``A = U diag(s) Vᵀ`` with random orthogonal ``U, V`` and ``s`` log-spaced in ``[1/cond, 1]``;
     ``b = A·1``. The backward error of ``inv(A) @ b`` grows like ``cond · ε`` (times a factor that
     depends on ``b``), the one of ``solve`` stays near ``ε``.
+
+    >>> v = inv_vs_solve().values
+    >>> bool(v["backward_error_inv"] > 1e6 * v["backward_error_solve"])
+    True
     """
     with jax.enable_x64(True):
         A = jax.jit(_with_condition_number, static_argnums=1)(jax.random.key(_KEY_SEED), n, cond)
@@ -521,7 +552,11 @@ _PITFALLS: dict[str, Callable[[], Pitfall]] = {
 
 
 def names() -> list[str]:
-    """The pitfalls' names, in the order :func:`run` computes them."""
+    """The pitfalls' names, in the order :func:`run` computes them.
+
+    >>> names()[:3]
+    ['svd_repeated', 'svd_near_degenerate', 'sqrt_at_zero']
+    """
     return list(_PITFALLS)
 
 
@@ -530,6 +565,9 @@ def run(which: str | Iterable[str] | None = None) -> list[Pitfall]:
 
     Raises:
         UnknownNameError: for a name that is not in :func:`names`.
+
+    >>> [p.name for p in run("mds_factor")]
+    ['mds_factor']
     """
     if isinstance(which, str):  # one name, not an iterable of characters
         which = [which]

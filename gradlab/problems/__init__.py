@@ -110,7 +110,11 @@ def register(name: str) -> Callable[[Factory], Factory]:
 
 
 def names() -> list[str]:
-    """The registered problem names, sorted."""
+    """The registered problem names, sorted.
+
+    >>> names()[:3]
+    ['forward_mode_example', 'least_squares', 'linear_solve']
+    """
     return sorted(_REGISTRY)
 
 
@@ -130,7 +134,11 @@ def options(name: str) -> dict[str, Any]:
 
 
 def describe(name: str) -> str:
-    """The first line of the docstring of problem ``name``."""
+    """The first line of the docstring of problem ``name``.
+
+    >>> describe("toy_graph")
+    'The backprop toy graph f(x, y, z) = (x + y)z at (−2, 5, −4): f = −12, ∇f = (−4, −4, 3).'
+    """
     check_choice("problem", name, _REGISTRY)
     doc = inspect.getdoc(_REGISTRY[name]) or ""
     return doc.splitlines()[0] if doc else ""
