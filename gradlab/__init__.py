@@ -2,12 +2,17 @@
 
 The package exposes module namespaces, one per concept::
 
-    from gradlab import problems, checks, rules, pitfalls
+    from gradlab import problems, checks, rules, grads, descent
 
 - :mod:`gradlab.problems` — the matrix-calculus catalog (losses with hand-derived gradients and HVPs).
 - :mod:`gradlab.checks` — the gradient checker (AD modes, finite differences, complex step, closed forms).
 - :mod:`gradlab.rules` — custom_vjp rules from the lecture notes (solve, singular values, sigmoid, ...).
 - :mod:`gradlab.pitfalls` — the classic matrix-calculus pitfalls, computed with the numbers JAX gives.
+- :mod:`gradlab.samplers` — direction samplers (sphere, Gaussian, Rademacher, orthogonal frames, coordinates).
+- :mod:`gradlab.grads` — gradient strategies: exact, forward mode, finite differences, zero-order 2-point,
+  forward gradients; each returns the estimate with its cost.
+- :mod:`gradlab.descent` — gradient descent with any strategy and any optax optimizer, compiled once.
+- :mod:`gradlab.theory` — step sizes and rate curves to overlay on measurements.
 """
 
 from __future__ import annotations
@@ -16,7 +21,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("problems", "checks", "rules", "pitfalls", "cli")
+_SUBMODULES = (
+    "problems",
+    "checks",
+    "rules",
+    "pitfalls",
+    "samplers",
+    "grads",
+    "descent",
+    "theory",
+    "cli",
+)
 
 __all__ = ["__version__", *_SUBMODULES]
 

@@ -1,0 +1,497 @@
+"""The descent engine: any gradient strategy × any optax optimizer, compiled once, with honest costs.
+
+One step of :func:`run` is::
+
+    est = strategy(fn, params, jax.random.fold_in(key, step))          # the gradient (estimate) and its cost
+    updates, opt_state = optimizer.update(est.grad, opt_state, params)  # any optax GradientTransformation
+    params = optax.apply_updates(params, updates)
+
+The strategy contract (:mod:`gradlab.grads`): ``strategy(fn, params, key) -> grads.GradEstimate`` with fields
+``value``, ``grad`` (the pytree of ``params``), ``num_fun_evals``, ``num_grads``, ``num_jvps`` (the cost of
+this one estimate) and ``std_error``.
+
+Steps run as a jitted ``lax.scan`` over a chunk of ``chunk_size`` steps, compiled once (per ``fn``,
+``strategy``, ``optimizer`` object, parameter shapes and settings; later calls with new parameter values or
+keys reuse the executable) and driven by a Python loop over chunks that stops at the tolerance or at the
+first non-finite loss. The monitoring — the true loss ``f(x_k)`` at every step, and ``‖∇f(x_k)‖`` by
+``jax.grad`` when asked — is not counted as cost.
+
+>>> import jax, optax
+>>> from gradlab import grads, problems
+>>> p = problems.make("least_squares", jax.random.key(0), dim=5, num_samples=10)
+>>> h = run(p.loss, p.init, grads.exact(), optax.sgd(1 / p.smoothness), key=jax.random.key(1),
+...         num_steps=2000, tol=1e-6, f_star=p.min_value)
+>>> h.steps_to_tol == h.steps_run, h.loss.shape == (h.steps_run + 1,), int(h.num_grads[-1]) == h.steps_run
+(True, True, True)
+>>> bool(h.relative_gap[-1] <= 1e-6), h.diverged
+(True, False)
+
+References: optax's ``GradientTransformation`` (init/update pair) and ``GradientTransformationExtraArgs``;
+Nesterov (2004), *Introductory Lectures on Convex Optimization*, §2.1 (the rates these runs are held
+against, see :mod:`gradlab.theory`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from gradlab._tree import tree_norm
+from gradlab._validate import (
+    OptionError,
+    ShapeError,
+    check_positive,
+    check_positive_int,
+    check_same_structure,
+    check_scalar_output,
+)
+
+__all__ = ["History", "clear_cache", "run"]
+
+DEFAULT_CHUNK_SIZE = 256
+_CACHE_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class History:
+    """The record of one :func:`run`; per-step arrays are NumPy and end at the stopping step.
+
+    Attributes:
+      loss: ``f(x_k)`` for ``k = 0..steps_run`` (length ``steps_run + 1``; the true loss, not the
+        strategy's estimate).
+      num_fun_evals, num_grads, num_jvps: cumulative costs after ``k`` steps (length ``steps_run + 1``,
+        starting at 0); line-search evaluations are included (see :func:`run`).
+      grad_norm: ``‖∇f(x_k)‖`` (length ``steps_run + 1``), or ``None`` if not recorded.
+      steps_run: the number of steps taken.
+      steps_to_tol: the first ``k`` where the stopping criterion held, or ``None``.
+      fun_evals_to_tol: ``num_fun_evals[steps_to_tol]``, or ``None``.
+      diverged: whether a non-finite loss stopped the run; ``diverged_step`` is that ``k`` (else ``None``).
+      compile_time: seconds to trace, lower and compile (0.0 when the executable came from the cache).
+      run_time: seconds of execution (after compilation), ``block_until_ready`` included.
+      params: the final parameters ``x_{steps_run}``.
+      f_star: the optimal value passed to :func:`run` (``None`` if not given).
+      tol: the tolerance passed to :func:`run`.
+      criterion: ``"relative_gap"``, ``"grad_norm"`` or ``None`` (no tolerance).
+    """
+
+    loss: np.ndarray
+    num_fun_evals: np.ndarray
+    num_grads: np.ndarray
+    num_jvps: np.ndarray
+    grad_norm: np.ndarray | None
+    steps_run: int
+    steps_to_tol: int | None
+    fun_evals_to_tol: int | None
+    diverged: bool
+    diverged_step: int | None
+    compile_time: float
+    run_time: float
+    params: Any
+    f_star: float | None = None
+    tol: float | None = None
+    criterion: str | None = None
+
+    @property
+    def relative_gap(self) -> np.ndarray:
+        """``(f(x_k) − f*)/(f(x_0) − f*)`` per step (needs ``f_star``)."""
+        if self.f_star is None:
+            raise OptionError(
+                "relative_gap: this run had no f_star. Pass f_star=... to descent.run."
+            )
+        return (self.loss - self.f_star) / (self.loss[0] - self.f_star)
+
+    def summary(self) -> str:
+        """One readable line: steps, loss from start to end, where the tolerance was met, timings."""
+        stop = (
+            f"diverged at step {self.diverged_step}"
+            if self.diverged
+            else (
+                f"tol reached at step {self.steps_to_tol} ({self.fun_evals_to_tol} fun evals)"
+                if self.steps_to_tol is not None
+                else "tol not reached"
+                if self.tol is not None
+                else "no tol"
+            )
+        )
+        return (
+            f"History(steps_run={self.steps_run}, loss {self.loss[0]:.3e} -> {self.loss[-1]:.3e}, {stop}, "
+            f"cost fun_evals={int(self.num_fun_evals[-1])} grads={int(self.num_grads[-1])} "
+            f"jvps={int(self.num_jvps[-1])}, compile {self.compile_time:.3f} s, run {self.run_time:.3f} s)"
+        )
+
+    __repr__ = summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_key(key: Any) -> None:
+    if key is None:
+        raise OptionError(
+            "key: descent.run needs an explicit PRNG key (keys are never defaulted), got None. "
+            "Pass key=jax.random.key(seed)."
+        )
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype is not None and dtype == jnp.uint32 and shape == (2,)
+    if not (typed or raw):
+        raise OptionError(
+            f"key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got "
+            f"{type(key).__name__} with dtype {dtype} and shape {shape}. Pass key=jax.random.key(seed)."
+        )
+
+
+def _check_callables(fn: Any, strategy: Any, optimizer: Any) -> None:
+    if not callable(fn):
+        raise OptionError(
+            f"fn: expected a callable loss fn(params) -> scalar, got {type(fn).__name__}."
+        )
+    if not callable(strategy):
+        raise OptionError(
+            f"strategy: expected a callable strategy(fn, params, key) -> GradEstimate (e.g. grads.exact()), "
+            f"got {type(strategy).__name__}. Build one with a constructor from gradlab.grads."
+        )
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise OptionError(
+            f"optimizer: expected an optax GradientTransformation (with init and update), got "
+            f"{type(optimizer).__name__}. Pass e.g. optax.sgd(1 / L)."
+        )
+
+
+def _validate_shapes(fn, params, strategy, key) -> None:
+    out = jax.eval_shape(fn, params)
+    check_scalar_output("fn", out)
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise OptionError(f"fn: the loss must be a real floating scalar, got dtype {out.dtype}.")
+    est = jax.eval_shape(lambda p, k: strategy(fn, p, k), params, key)
+    missing = [f for f in ("grad", "num_fun_evals", "num_grads", "num_jvps") if not hasattr(est, f)]
+    if missing:
+        raise OptionError(
+            f"strategy: its result lacks the field(s) {missing}; expected a GradEstimate with value, grad, "
+            "num_fun_evals, num_grads, num_jvps, std_error (see gradlab.grads)."
+        )
+    try:
+        check_same_structure("strategy(...).grad", est.grad, params)
+    except ShapeError as err:
+        raise ShapeError(
+            f"{err} The strategy's gradient must have the structure of params."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled pieces
+
+
+def _linesearch_cost(opt_state: Any, dtype: Any) -> tuple[Any, Any]:
+    """Extra (function evaluations, gradients) spent by optax line searches in this update.
+
+    optax's line searches report ``num_linesearch_steps`` in their state's ``info``. Backtracking
+    evaluates ``value_fn`` once per step; zoom evaluates ``value_and_grad(value_fn)`` once per step.
+    """
+    fe = jnp.zeros((), dtype)
+    gr = jnp.zeros((), dtype)
+
+    def is_info(x):
+        return hasattr(x, "num_linesearch_steps") and hasattr(x, "_fields")
+
+    for info in jax.tree.leaves(opt_state, is_leaf=is_info):
+        if is_info(info):
+            n = jnp.asarray(info.num_linesearch_steps, dtype)
+            fe = fe + n
+            if "zoom" in type(info).__name__.lower():
+                gr = gr + n
+    return fe, gr
+
+
+class _Config(NamedTuple):
+    chunk_size: int
+    record_grad_norm: bool
+    criterion: str | None
+    extra_args: bool
+
+
+def _build(fn, strategy, optimizer, cfg: _Config):
+    """The two pure functions that get compiled: ``init`` and ``chunk`` (a scan of ``chunk_size`` steps)."""
+    count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+    def monitor(p):
+        if cfg.record_grad_norm:
+            v, g = jax.value_and_grad(fn)(p)
+            return v, tree_norm(g).astype(v.dtype)
+        v = fn(p)
+        return v, jnp.full((), jnp.nan, v.dtype)
+
+    def init(params):
+        opt_state = optimizer.init(params)
+        loss, gnorm = monitor(params)
+        return opt_state, loss, gnorm
+
+    def criterion(loss, gnorm, tol, f0, f_star):
+        if cfg.criterion == "relative_gap":
+            return (loss - f_star) <= tol * (f0 - f_star)
+        if cfg.criterion == "grad_norm":
+            return gnorm <= tol
+        return jnp.zeros((), bool)
+
+    def chunk(carry, key, start, num_steps, tol, f0, f_star):
+        def take_step(c, t):
+            params, opt_state, counts, loss, gnorm, _ = c
+            est = strategy(fn, params, jax.random.fold_in(key, t))
+            if cfg.extra_args:
+                updates, new_state = optimizer.update(
+                    est.grad, opt_state, params, value=est.value, grad=est.grad, value_fn=fn
+                )
+            else:
+                updates, new_state = optimizer.update(est.grad, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            new_params = jax.tree.map(lambda n, o: n.astype(o.dtype), new_params, params)
+            ls_fe, ls_gr = _linesearch_cost(new_state, count_dtype)
+            cost = jnp.stack(
+                [
+                    jnp.asarray(est.num_fun_evals, count_dtype) + ls_fe,
+                    jnp.asarray(est.num_grads, count_dtype) + ls_gr,
+                    jnp.asarray(est.num_jvps, count_dtype),
+                ]
+            )
+            new_loss, new_gnorm = monitor(new_params)
+            new_loss = new_loss.astype(loss.dtype)
+            new_gnorm = new_gnorm.astype(gnorm.dtype)
+            bad = ~jnp.isfinite(new_loss)
+            hit = criterion(new_loss, new_gnorm, tol, f0, f_star)
+            return (new_params, new_state, counts + cost, new_loss, new_gnorm, bad | hit)
+
+        def body(c, i):
+            t = start + i
+            active = jnp.logical_and(~c[-1], t < num_steps)
+            c = lax.cond(active, take_step, lambda c, t: c, c, t)
+            _, _, counts, loss, gnorm, _ = c
+            return c, (loss, gnorm, counts, active)
+
+        return lax.scan(body, carry, jnp.arange(cfg.chunk_size))
+
+    return init, chunk
+
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+
+
+def _compiled(fn, strategy, optimizer, cfg: _Config, params, key):
+    """Return ``(init_exe, chunk_exe, compile_time)``, compiling (and validating) on a cache miss."""
+    cache_key = (id(fn), id(strategy), id(optimizer), cfg, _signature(params), _signature(key))
+    hit = _CACHE.get(cache_key)
+    if hit is not None:
+        _CACHE.move_to_end(cache_key)
+        return hit[0], hit[1], 0.0
+    _validate_shapes(fn, params, strategy, key)
+    init, chunk = _build(fn, strategy, optimizer, cfg)
+    t0 = time.perf_counter()
+    init_exe = jax.jit(init).lower(params).compile()
+    opt_state, loss, gnorm = jax.eval_shape(init, params)
+    dtype = loss.dtype
+    count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    carry = (
+        params,
+        opt_state,
+        jax.ShapeDtypeStruct((3,), count_dtype),
+        loss,
+        gnorm,
+        jax.ShapeDtypeStruct((), bool),
+    )
+    scalar = jax.ShapeDtypeStruct((), dtype)
+    int_scalar = jax.ShapeDtypeStruct((), count_dtype)
+    chunk_exe = (
+        jax.jit(chunk).lower(carry, key, int_scalar, int_scalar, scalar, scalar, scalar).compile()
+    )
+    compile_time = time.perf_counter() - t0
+    # strong references to fn, strategy, optimizer keep their ids from being reused while cached
+    _CACHE[cache_key] = (init_exe, chunk_exe, fn, strategy, optimizer)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return init_exe, chunk_exe, compile_time
+
+
+def clear_cache() -> None:
+    """Drop the compiled executables that :func:`run` keeps between calls."""
+    _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def run(
+    fn: Callable[[Any], Any],
+    params: Any,
+    strategy: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    /,
+    *,
+    key: Any,
+    num_steps: int,
+    tol: float | None = None,
+    f_star: float | None = None,
+    chunk_size: int | None = None,
+    record_grad_norm: bool = False,
+) -> History:
+    """Minimise ``fn`` from ``params`` with gradients from ``strategy`` and steps from ``optimizer``.
+
+    Math: ``x_{k+1} = x_k + U(G_k)``, ``G_k = strategy(fn, x_k, fold_in(key, k)).grad``, ``U`` the optax
+    update. Stops after ``num_steps`` steps, or at the first ``k`` where
+
+    - ``(f(x_k) − f*)/(f(x_0) − f*) ≤ tol`` when ``f_star`` is given (the relative gap), or
+    - ``‖∇f(x_k)‖ ≤ tol`` when ``f_star`` is ``None`` (the gradient norm is then recorded: exact, by
+      ``jax.grad``, not counted as cost — ``record_grad_norm`` is switched on), or
+    - ``f(x_k)`` is NaN or ±inf (``diverged=True``, ``diverged_step=k``).
+
+    Args:
+      fn: the loss, ``fn(params) -> real scalar``; a pure JAX function.
+      params: the starting point ``x_0``, any pytree of float arrays.
+      strategy: ``strategy(fn, params, key) -> GradEstimate`` (:mod:`gradlab.grads`).
+      optimizer: an optax ``GradientTransformation``. If it is a ``GradientTransformationExtraArgs``
+        (``optax.sgd``, ``optax.adam``, ``optax.lbfgs`` ...), ``value=est.value, grad=est.grad,
+        value_fn=fn`` are passed to ``update`` (transforms that do not take them ignore them), so line
+        searches work. Their extra evaluations are counted from optax's ``num_linesearch_steps``: one
+        function evaluation per step (backtracking), one function evaluation and one gradient per step
+        (zoom, as in ``optax.lbfgs``). Limitation: a line search evaluates the *true* ``fn`` (and zoom its
+        exact gradient by AD), so with a zero-order strategy it is no longer zero-order.
+      key: a ``jax.random.key`` — required; step ``k`` uses ``jax.random.fold_in(key, k)``.
+      num_steps: the maximum number of steps, an integer ≥ 1.
+      tol: the stopping tolerance (> 0), or ``None`` to run all ``num_steps`` steps.
+      f_star: the optimal value ``f*`` (e.g. ``problem.min_value``), or ``None``.
+      chunk_size: steps per compiled ``lax.scan`` (default 256, whatever ``num_steps``, so that runs of
+        different lengths share one executable); the driver checks for the stop between chunks, and steps
+        past the stop (or past ``num_steps``) inside a chunk are skipped by ``lax.cond``.
+      record_grad_norm: also record ``‖∇f(x_k)‖`` at every step.
+
+    Returns:
+      A :class:`History`. Shapes: ``loss``, the cumulative costs and ``grad_norm`` have length
+      ``steps_run + 1``; ``params`` has the structure of the input.
+
+    Raises:
+      NotScalarError: ``fn`` does not return a real scalar (checked with ``jax.eval_shape`` before compiling).
+      OptionError: a missing/invalid ``key``, ``num_steps < 1``, ``tol ≤ 0``, a non-callable strategy ...
+      ShapeError: the strategy's gradient does not have the structure of ``params``.
+
+    Compile-once: the executables are cached per (``fn``, ``strategy``, ``optimizer``) object, parameter
+    shapes/dtypes and settings; build the optimizer once and a second call with new values does not retrace.
+    ``compile_time`` is the lower + compile time (0.0 on a cache hit); ``run_time`` the execution time.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from gradlab import grads
+    >>> h = run(lambda x: jnp.sum(x**2), jnp.ones(3), grads.exact(), optax.sgd(0.25), key=jax.random.key(0),
+    ...         num_steps=100, tol=1e-8)
+    >>> h.steps_run, round(float(h.loss[1]), 4), h.criterion
+    (29, 0.75, 'grad_norm')
+    """
+    _check_callables(fn, strategy, optimizer)
+    _check_key(key)
+    num_steps = check_positive_int("num_steps", num_steps)
+    if tol is not None:
+        tol = check_positive("tol", tol)
+    if f_star is not None:
+        try:
+            f_star = float(f_star)
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"f_star: expected a real number (the optimal value), got {f_star!r}."
+            ) from None
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    criterion = None if tol is None else ("relative_gap" if f_star is not None else "grad_norm")
+    record = bool(record_grad_norm) or criterion == "grad_norm"
+    extra = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+    cfg = _Config(chunk_size, record, criterion, extra)
+
+    init_exe, chunk_exe, compile_time = _compiled(fn, strategy, optimizer, cfg, params, key)
+
+    count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    t0 = time.perf_counter()
+    opt_state, loss0, gnorm0 = jax.block_until_ready(init_exe(params))
+    dtype = loss0.dtype
+    f0 = float(loss0)
+    losses, gnorms = [np.asarray([f0])], [np.asarray([float(gnorm0)])]
+    counts = [np.zeros((1, 3), np.int64)]
+    steps_run = 0
+    steps_to_tol = diverged_step = None
+    tol_arr = jnp.asarray(np.inf if tol is None else tol, dtype)
+    fstar_arr = jnp.asarray(np.nan if f_star is None else f_star, dtype)
+    f0_arr = jnp.asarray(f0, dtype)
+
+    def holds(loss, gnorm):
+        if criterion == "relative_gap":
+            return loss - f_star <= tol * (f0 - f_star)
+        if criterion == "grad_norm":
+            return gnorm <= tol
+        return False
+
+    if not np.isfinite(f0):
+        diverged_step = 0
+    elif holds(f0, float(gnorm0)):
+        steps_to_tol = 0
+    else:
+        carry = (
+            params,
+            opt_state,
+            jnp.zeros((3,), count_dtype),
+            loss0,
+            gnorm0,
+            jnp.zeros((), bool),
+        )
+        nsteps = jnp.asarray(num_steps, count_dtype)
+        for start in range(0, num_steps, chunk_size):
+            carry, (loss, gnorm, cum, active) = chunk_exe(
+                carry, key, jnp.asarray(start, count_dtype), nsteps, tol_arr, f0_arr, fstar_arr
+            )
+            loss, gnorm, cum, active = jax.device_get((loss, gnorm, cum, active))
+            n = int(active.sum())  # active steps form a prefix of the chunk
+            losses.append(loss[:n])
+            gnorms.append(gnorm[:n])
+            counts.append(cum[:n].astype(np.int64))
+            steps_run += n
+            if bool(carry[-1]):  # stopped: a non-finite loss, or the criterion held
+                if np.isfinite(loss[n - 1]):
+                    steps_to_tol = steps_run
+                else:
+                    diverged_step = steps_run
+                break
+        params = jax.block_until_ready(carry[0])
+    run_time = time.perf_counter() - t0
+
+    loss = np.concatenate(losses)
+    cum = np.concatenate(counts)
+    return History(
+        loss=loss,
+        num_fun_evals=cum[:, 0],
+        num_grads=cum[:, 1],
+        num_jvps=cum[:, 2],
+        grad_norm=np.concatenate(gnorms) if record else None,
+        steps_run=steps_run,
+        steps_to_tol=steps_to_tol,
+        fun_evals_to_tol=None if steps_to_tol is None else int(cum[steps_to_tol, 0]),
+        diverged=diverged_step is not None,
+        diverged_step=diverged_step,
+        compile_time=compile_time,
+        run_time=run_time,
+        params=params,
+        f_star=f_star,
+        tol=tol,
+        criterion=criterion,
+    )

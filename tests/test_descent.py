@@ -1,0 +1,314 @@
+"""The descent engine: GD against the theory and ANCHORS, compile-once, stopping, costs, errors."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gradlab import descent, problems, theory
+from gradlab._validate import NotScalarError, OptionError
+
+TOL = 1e-6
+
+
+class Est(NamedTuple):  # the strategy contract, locally (independent of gradlab.grads)
+    value: jax.Array
+    grad: jax.Array
+    num_fun_evals: jax.Array
+    num_grads: jax.Array
+    num_jvps: jax.Array
+    std_error: jax.Array
+
+
+def local_exact(fn, params, key):
+    del key
+    value, grad = jax.value_and_grad(fn)(params)
+    return Est(value, grad, jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.zeros(()))
+
+
+def local_sphere(fn, params, key, mu=1e-5):
+    """Two-point sphere estimator, one direction: G = d (f(x+μu) − f(x−μu))/(2μ) u."""
+    u = jax.random.normal(key, params.shape, params.dtype)
+    u = u / jnp.linalg.norm(u)
+    fp, fm = fn(params + mu * u), fn(params - mu * u)
+    g = params.size * (fp - fm) / (2 * mu) * u
+    return Est((fp + fm) / 2, g, jnp.int32(2), jnp.int32(0), jnp.int32(0), jnp.full((), jnp.nan))
+
+
+def lsq(seed, dim=10):
+    return problems.make("least_squares", jax.random.key(seed), dim=dim, num_samples=2 * dim)
+
+
+def gd(p, strategy=local_exact, *, step=None, **kw):
+    step = 1 / p.smoothness if step is None else step
+    kw.setdefault("num_steps", 5000)
+    return descent.run(
+        p.loss, p.init, strategy, optax.sgd(step), key=jax.random.key(0), f_star=p.min_value, **kw
+    )
+
+
+# --- GD with the exact gradient -------------------------------------------------------------------------
+
+
+def test_gd_converges_and_is_below_the_theory_bound(seed):
+    p = lsq(seed)
+    h = gd(p, tol=TOL)
+    assert not h.diverged and h.steps_to_tol == h.steps_run
+    gap = h.relative_gap
+    assert gap[-1] <= TOL < gap[-2]
+    # ANCHORS: 61 iterations at d = 10 (median over seeds); same order of magnitude here
+    assert 20 <= h.steps_to_tol <= 200
+    # (1 − μ/L)^k is a bound on the relative gap at every step
+    bound = theory.gd_rate(np.arange(h.steps_run + 1), L=p.smoothness, mu=p.strong_convexity)
+    assert np.all(gap <= bound * (1 + 1e-9) + 1e-12)
+    assert h.steps_to_tol <= theory.steps_to_tol(
+        lambda k: theory.gd_rate(k, L=p.smoothness, mu=p.strong_convexity), TOL
+    )
+    # strong convexity: ‖w − w*‖² ≤ 2(f(w) − f*)/μ
+    err2 = float(jnp.sum((h.params - p.solution) ** 2))
+    assert err2 <= 2 * (h.loss[-1] - p.min_value) / p.strong_convexity * (1 + 1e-6) + 1e-20
+    # per-step cost: one gradient per step, cumulative, starting at 0
+    np.testing.assert_array_equal(h.num_grads, np.arange(h.steps_run + 1))
+    np.testing.assert_array_equal(h.num_fun_evals, 0)
+    assert h.fun_evals_to_tol == 0
+    assert h.compile_time > 0 and h.run_time > 0
+    assert "steps_run" in repr(h) and "tol reached" in h.summary()
+
+
+def test_compile_once_no_retrace():
+    p = lsq(1)
+    traces = []
+
+    def loss(w):
+        traces.append(1)
+        return p.loss(w)
+
+    opt = optax.sgd(1 / p.smoothness)
+    h1 = descent.run(loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=50)
+    n = len(traces)
+    assert n > 0 and h1.compile_time > 0
+    w1 = p.init + 1.0
+    h2 = descent.run(loss, w1, local_exact, opt, key=jax.random.key(5), num_steps=70)
+    assert len(traces) == n, "a second run with new values retraced"
+    assert (
+        h2.compile_time == 0.0
+        and h2.steps_run == 70
+        and h2.loss[0] == pytest.approx(float(p.loss(w1)))
+    )
+
+
+def test_early_stop_trims_arrays_inside_a_chunk():
+    p = lsq(2)
+    full = gd(p, num_steps=400, chunk_size=400)
+    h = gd(p, tol=TOL, num_steps=400, chunk_size=37)  # the stop falls inside a chunk
+    k = h.steps_to_tol
+    assert k is not None and h.steps_run == k
+    for arr in (h.loss, h.num_fun_evals, h.num_grads, h.num_jvps):
+        assert arr.shape == (k + 1,)
+    # the trajectory does not depend on the chunking, and params are those at the stop
+    np.testing.assert_allclose(h.loss, full.loss[: k + 1], rtol=1e-12)
+    np.testing.assert_allclose(float(p.loss(h.params)), h.loss[-1], rtol=1e-12)
+
+
+def test_num_steps_limit_without_tol():
+    p = lsq(1)
+    h = gd(p, num_steps=300, chunk_size=128)  # 3 chunks, the last one partly used
+    assert h.steps_run == 300 and h.loss.shape == (301,) and h.steps_to_tol is None
+    assert h.num_grads[-1] == 300
+
+
+def test_divergence_is_detected_and_marked():
+    p = lsq(3)
+    h = gd(p, step=3 / p.smoothness, num_steps=20000, tol=TOL)
+    assert h.diverged and h.steps_to_tol is None
+    k = h.diverged_step
+    assert k == h.steps_run and h.loss.shape == (k + 1,)
+    assert not np.isfinite(h.loss[-1]) and np.all(np.isfinite(h.loss[:-1]))
+
+
+def test_grad_norm_criterion_and_record():
+    p = lsq(1)
+    h = descent.run(
+        p.loss,
+        p.init,
+        local_exact,
+        optax.sgd(1 / p.smoothness),
+        key=jax.random.key(0),
+        num_steps=5000,
+        tol=1e-6,
+    )
+    assert h.criterion == "grad_norm" and h.grad_norm is not None
+    assert h.grad_norm[-1] <= 1e-6 < h.grad_norm[-2]
+    np.testing.assert_allclose(h.grad_norm[0], np.linalg.norm(p.grad(p.init)), rtol=1e-12)
+    h2 = gd(p, num_steps=10, record_grad_norm=True)
+    assert h2.grad_norm.shape == (11,)
+    assert gd(p, num_steps=10).grad_norm is None
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [lambda L: optax.adam(0.1), lambda L: optax.sgd(1 / L, momentum=0.5), lambda L: optax.lbfgs()],
+    ids=["adam", "momentum", "lbfgs"],
+)
+def test_other_optimizers_run(make_opt):
+    p = lsq(1)
+    h = descent.run(
+        p.loss,
+        p.init,
+        local_exact,
+        make_opt(p.smoothness),
+        key=jax.random.key(0),
+        num_steps=300,
+        tol=1e-4,
+        f_star=p.min_value,
+    )
+    assert not h.diverged and h.steps_to_tol is not None
+    assert np.all(np.diff(h.num_fun_evals) >= 0)
+
+
+def test_lbfgs_counts_linesearch_evaluations():
+    p = lsq(2)
+    h = descent.run(
+        p.loss,
+        p.init,
+        local_exact,
+        optax.lbfgs(),
+        key=jax.random.key(0),
+        num_steps=30,
+        tol=1e-8,
+        f_star=p.min_value,
+    )
+    # the strategy costs 1 gradient per step; the zoom line search adds ≥ 1 value_and_grad per step
+    assert h.num_fun_evals[-1] >= h.steps_run
+    assert h.num_grads[-1] >= 2 * h.steps_run
+    assert h.steps_to_tol is not None and h.steps_to_tol < 30
+
+
+def test_dict_params_mlp_runs():
+    p = problems.make("mlp", jax.random.key(0), in_dim=2, hidden=4, out_dim=1, num_samples=20)
+    h = descent.run(
+        p.loss, p.init, local_exact, optax.adam(1e-2), key=jax.random.key(0), num_steps=100
+    )
+    assert h.steps_run == 100 and h.loss[-1] < h.loss[0]
+    assert sorted(h.params) == ["W1", "W2", "b1", "b2"]
+    assert jax.tree.map(jnp.shape, h.params) == jax.tree.map(jnp.shape, p.init)
+
+
+# --- zero-order GD against GD: the seed's O(d) factor ------------------------------------------------------
+
+
+def test_zero_order_sphere_takes_about_d_times_gd(seed):
+    d = 10
+    p = lsq(seed, dim=d)
+    exact = gd(p, tol=TOL)
+    zo = descent.run(
+        p.loss,
+        p.init,
+        local_sphere,
+        optax.sgd(theory.zo_sphere_step(p.smoothness, d)),
+        key=jax.random.key(100 + seed),
+        num_steps=20000,
+        tol=TOL,
+        f_star=p.min_value,
+    )
+    assert zo.steps_to_tol is not None
+    ratio = zo.steps_to_tol / exact.steps_to_tol
+    assert 0.5 * d <= ratio <= 2 * d, ratio
+    # cost: 2 function evaluations per step, no gradients
+    np.testing.assert_array_equal(zo.num_fun_evals, 2 * np.arange(zo.steps_run + 1))
+    assert zo.fun_evals_to_tol == 2 * zo.steps_to_tol and zo.num_grads[-1] == 0
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+def _args():
+    p = lsq(1)
+    return p, optax.sgd(1 / p.smoothness)
+
+
+def test_error_non_scalar_loss():
+    p, opt = _args()
+    with pytest.raises(NotScalarError, match="fn"):
+        descent.run(
+            lambda w: p.data["X"] @ w, p.init, local_exact, opt, key=jax.random.key(0), num_steps=5
+        )
+
+
+@pytest.mark.parametrize("num_steps", [0, -1, 2.5, True])
+def test_error_num_steps(num_steps):
+    p, opt = _args()
+    with pytest.raises(OptionError, match="num_steps"):
+        descent.run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=num_steps)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1e-3, float("nan")])
+def test_error_tol(tol):
+    p, opt = _args()
+    with pytest.raises(OptionError, match="tol"):
+        descent.run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=5, tol=tol)
+
+
+def test_error_missing_key():
+    p, opt = _args()
+    with pytest.raises(OptionError, match="key"):
+        descent.run(p.loss, p.init, local_exact, opt, key=None, num_steps=5)
+    with pytest.raises(TypeError):
+        descent.run(
+            p.loss, p.init, local_exact, opt, num_steps=5
+        )  # key is keyword-only and required
+    with pytest.raises(OptionError, match="key"):
+        descent.run(p.loss, p.init, local_exact, opt, key=3, num_steps=5)
+
+
+def test_error_strategy_and_optimizer():
+    p, opt = _args()
+    with pytest.raises(OptionError, match="strategy"):
+        descent.run(p.loss, p.init, "exact", opt, key=jax.random.key(0), num_steps=5)
+    with pytest.raises(OptionError, match="optimizer"):
+        descent.run(p.loss, p.init, local_exact, 0.1, key=jax.random.key(0), num_steps=5)
+
+
+def test_error_strategy_grad_structure():
+    p, opt = _args()
+
+    def bad(fn, params, key):
+        e = local_exact(fn, params, key)
+        return e._replace(grad=e.grad[:3])
+
+    with pytest.raises(ValueError, match="strategy"):
+        descent.run(p.loss, p.init, bad, opt, key=jax.random.key(0), num_steps=5)
+
+
+# --- the real strategies of gradlab.grads × catalog problems ------------------------------------------------
+
+grads = pytest.importorskip("gradlab.grads")
+STRATEGIES = grads.names()
+
+
+@pytest.mark.parametrize("problem", ["least_squares", "quadratic"])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_runs(name, problem):
+    d = 5
+    p = problems.make(problem, jax.random.key(1), dim=d)
+    strategy = grads.make(name)
+    opt = optax.sgd(1 / (d * p.smoothness))  # the zero-order step: safe for every strategy
+    h = descent.run(p.loss, p.init, strategy, opt, key=jax.random.key(2), num_steps=200)
+    assert not h.diverged and h.steps_run == 200
+    assert np.all(np.isfinite(h.loss)) and h.loss[-1] < h.loss[0]
+    # cumulative cost = per-estimate cost × steps
+    est = strategy(p.loss, p.init, jax.random.key(0))
+    for field in ("num_fun_evals", "num_grads", "num_jvps"):
+        per_step = int(getattr(est, field))
+        np.testing.assert_array_equal(getattr(h, field), per_step * np.arange(201), err_msg=field)
+
+
+def test_real_exact_matches_local_exact():
+    p = lsq(1)
+    opt = optax.sgd(1 / p.smoothness)
+    a = descent.run(p.loss, p.init, grads.exact(), opt, key=jax.random.key(0), num_steps=50)
+    b = descent.run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=50)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)

@@ -1,0 +1,270 @@
+"""Gradient strategies: a registry × catalog problems × seeds against jax.grad, and the stochastic
+estimators against their theory (means, second moments, standard errors) in float64."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gradlab import grads, problems
+from gradlab._tree import relative_error
+from gradlab._validate import NotScalarError, OptionError, UnknownNameError
+
+PROBLEMS = ["quadratic", "least_squares", "logistic_regression", "mlp", "log_det"]
+# (name, options, relative tolerance against jax.grad or None for stochastic, counts(d) -> (evals, grads, jvps))
+STRATEGIES = {
+    "exact": ({}, 1e-12, lambda d: (0, 1, 0)),
+    "forward_mode": ({"batch_size": 7}, 1e-12, lambda d: (0, 0, d)),
+    "forward_difference": ({}, 1e-6, lambda d: (d + 1, 0, 0)),
+    "central_difference": ({}, 1e-9, lambda d: (2 * d, 0, 0)),
+    "two_point": ({"num_directions": 3}, None, lambda d: (6, 0, 0)),
+    "forward_gradient": ({"num_directions": 3}, None, lambda d: (0, 0, 3)),
+}
+
+
+def test_names_cover_the_registry():
+    assert sorted(STRATEGIES) == grads.names()
+
+
+@functools.cache
+def _registry_run(problem):
+    """One problem instance and one compiled function running every strategy (reused across seeds)."""
+    p = problems.make(problem, jax.random.key(0))
+    strategies = {name: grads.make(name, **opts) for name, (opts, _, _) in STRATEGIES.items()}
+
+    @jax.jit
+    def run(x, key):
+        return {name: s(p.loss, x, key) for name, s in strategies.items()}, jax.grad(p.loss)(x)
+
+    return p, run
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_registry(problem, seed):
+    """Every strategy at a random point: structure, dtype, accuracy against jax.grad, counts."""
+    key = jax.random.key(seed)
+    p, run = _registry_run(problem)
+    x = p.random_point(key)
+    d = sum(leaf.size for leaf in jax.tree.leaves(x))
+    out, g = run(x, jax.random.fold_in(key, 2))
+    f = p.loss(x)
+    for name, (_, rtol, counts) in STRATEGIES.items():
+        est = out[name]
+        assert jax.tree.structure(est.grad) == jax.tree.structure(x), name
+        assert jax.tree.map(lambda a: a.dtype, est.grad) == jax.tree.map(lambda a: a.dtype, x), name
+        assert (int(est.num_fun_evals), int(est.num_grads), int(est.num_jvps)) == counts(d), name
+        assert est.num_fun_evals.dtype == jnp.int32
+        if rtol is not None:
+            err = float(relative_error(est.grad, g))
+            assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+            assert float(est.std_error) == 0.0
+            assert jnp.allclose(est.value, f, rtol=1e-10), name
+        else:
+            assert bool(jnp.isfinite(est.std_error)), name
+            assert jnp.allclose(est.value, f, rtol=1e-8), name
+
+
+# --- stochastic estimators against theory ---------------------------------------------------------------
+
+D = 10
+
+
+def _quadratic():
+    """f(x) = ½ xᵀAx + bᵀx: central differences are exact, so c_i = ⟨∇f, v_i⟩ up to round-off."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    B = jax.random.normal(k1, (D, D)) / math.sqrt(D)
+    A = B @ B.T + jnp.eye(D)
+    b = jax.random.normal(k2, (D,))
+    x = jax.random.normal(k3, (D,))
+    return (lambda z: 0.5 * z @ A @ z + b @ z), x, A @ x + b
+
+
+def _many(strategy, fn, x, n, seed=11):
+    keys = jax.random.split(jax.random.key(seed), n)
+    return jax.jit(jax.vmap(lambda k: strategy(fn, x, k)))(keys)
+
+
+def _within(sample, expect, sigmas=5.0):
+    """The sample mean of ``sample`` (axis 0) is within ``sigmas`` standard errors of ``expect``."""
+    n = sample.shape[0]
+    se = jnp.std(sample, axis=0) / math.sqrt(n)
+    return bool(jnp.all(jnp.abs(jnp.mean(sample, axis=0) - expect) <= sigmas * se + 1e-12))
+
+
+SECOND_MOMENTS = [  # (strategy, options, E‖G‖² / ‖∇f‖²)
+    ("two_point", {"distribution": "sphere"}, D),
+    ("two_point", {"distribution": "sphere", "num_directions": 4}, 1 + (D - 1) / 4),
+    ("two_point", {"distribution": "orthogonal", "num_directions": 4}, D / 4),
+    ("two_point", {"distribution": "coordinate", "num_directions": 4}, D / 4),
+    ("two_point", {"distribution": "gaussian"}, D + 2),
+    ("two_point", {"distribution": "rademacher", "num_directions": 2}, 1 + (D - 1) / 2),
+    ("forward_gradient", {"num_directions": 3}, 1 + (D + 1) / 3),
+    ("forward_gradient", {"distribution": "sphere", "num_directions": 2}, 1 + (D - 1) / 2),
+]
+
+
+@pytest.mark.parametrize(("name", "opts", "ratio"), SECOND_MOMENTS, ids=lambda v: str(v))
+def test_unbiased_and_second_moment(name, opts, ratio):
+    fn, x, g = _quadratic()
+    est = _many(grads.make(name, **opts), fn, x, 4000)
+    assert _within(est.grad, g), "mean of the estimates is not ∇f"
+    sq = jnp.sum(est.grad**2, axis=1)
+    assert _within(sq, ratio * jnp.sum(g**2)), (float(jnp.mean(sq) / jnp.sum(g**2)), ratio)
+
+
+def test_error_shrinks_like_one_over_sqrt_n():
+    """E‖mean of n estimates − ∇f‖² = (d − 1)‖∇f‖²/n for one sphere direction (tr Cov = (d − 1)‖∇f‖²)."""
+    fn, x, g = _quadratic()
+    est = _many(grads.two_point(), fn, x, 16384)
+    theory = (D - 1) * jnp.sum(g**2)
+    mse = {}
+    for n in (64, 256):
+        means = est.grad.reshape(-1, n, D).mean(axis=1)
+        err2 = jnp.sum((means - g[None, :]) ** 2, axis=1) * n  # each has expectation `theory`
+        assert _within(err2, theory), (n, float(jnp.mean(err2) / theory))
+        mse[n] = float(jnp.mean(err2) / n)
+    assert 2.0 <= mse[64] / mse[256] <= 8.0  # ≈ 4: the error norm halves when n quadruples
+
+
+def test_standard_error_is_calibrated():
+    """E[std_error²] = tr Cov(G_i)/k = (d − 1)‖∇f‖²/k for k iid sphere directions; k = 1 gives NaN."""
+    fn, x, g = _quadratic()
+    k = 5
+    est = _many(grads.two_point(num_directions=k), fn, x, 4000)
+    assert _within(est.std_error**2, (D - 1) * jnp.sum(g**2) / k)
+    one = grads.two_point()(fn, x, jax.random.key(0))
+    assert bool(jnp.isnan(one.std_error))
+
+
+def test_orthogonal_and_coordinate_full_rank_are_exact():
+    fn, x, g = _quadratic()
+    for dist in ("orthogonal", "coordinate"):
+        for make in (grads.two_point, grads.forward_gradient):
+            est = make(num_directions=D, distribution=dist)(fn, x, jax.random.key(3))
+            assert float(relative_error(est.grad, g)) < 1e-8, (dist, make)
+
+
+@functools.cache
+def _lean_run(distribution):
+    p = problems.make("mlp", jax.random.key(0))  # dict-valued params
+    common = {"num_directions": 5, "distribution": distribution}
+    variants = [
+        grads.two_point(**common),
+        grads.two_point(**common, batch_size=2),
+        grads.two_point(**common, lean=True),
+        grads.two_point(**common, lean=True, batch_size=2),  # 5 = 2 + 2 + 1: a masked last chunk
+    ]
+    return p, jax.jit(lambda x, k: [s(p.loss, x, k) for s in variants])
+
+
+@pytest.mark.parametrize("distribution", ["sphere", "gaussian", "rademacher", "coordinate"])
+def test_lean_matches_non_lean(distribution):
+    key = jax.random.key(1)  # one seed: the comparison is exact, and each variant set compiles once
+    p, run = _lean_run(distribution)
+    outs = run(p.random_point(key), jax.random.fold_in(key, 9))
+    for other in outs[1:]:
+        assert float(relative_error(other.grad, outs[0].grad)) < 1e-12
+        assert jnp.allclose(other.value, outs[0].value, rtol=1e-13)
+        assert jnp.allclose(other.std_error, outs[0].std_error, rtol=1e-10)
+        assert int(other.num_fun_evals) == 10
+
+
+def test_vmap_over_keys_matches_single_calls():
+    fn, x, _ = _quadratic()
+    s = grads.forward_gradient(num_directions=2)
+    keys = jax.random.split(jax.random.key(5), 3)
+    batched = jax.jit(jax.vmap(lambda k: s(fn, x, k)))(keys)
+    assert batched.grad.shape == (3, D)
+    single_call = jax.jit(lambda k: s(fn, x, k))
+    for i in range(3):
+        single = single_call(keys[i])
+        assert jnp.allclose(batched.grad[i], single.grad, rtol=1e-12)
+
+
+def test_compile_once():
+    """A second call with new parameter values and a new key does not retrace the loss."""
+    _, x, _ = _quadratic()
+    traces = []
+
+    def fn(z):
+        traces.append(None)
+        return jnp.sum(z**4)
+
+    strategies = [grads.make(n, **STRATEGIES[n][0]) for n in grads.names()]
+    run = jax.jit(lambda x, k: [s(fn, x, k) for s in strategies])
+    jax.block_until_ready(run(x, jax.random.key(0)))
+    first = len(traces)
+    jax.block_until_ready(run(x + 1.0, jax.random.key(1)))
+    assert len(traces) == first
+
+
+def test_estimate_is_a_pytree_through_scan():
+    fn, x, _ = _quadratic()
+    s = grads.two_point(num_directions=2, lean=True)
+
+    def step(x, k):
+        est = s(fn, x, k)
+        return jax.tree.map(lambda a, b: a - 0.01 * b, x, est.grad), est
+
+    _, ests = jax.lax.scan(step, x, jax.random.split(jax.random.key(0), 4))
+    assert ests.grad.shape == (4, D)
+    assert ests.num_fun_evals.tolist() == [4] * 4
+
+
+# --- bad arguments --------------------------------------------------------------------------------------
+
+
+def test_bad_options():
+    with pytest.raises(OptionError, match=r"num_directions: expected an integer ≥ 1, got -3"):
+        grads.two_point(num_directions=-3)
+    with pytest.raises(OptionError, match=r"num_directions: expected an integer ≥ 1, got 2.5"):
+        grads.forward_gradient(num_directions=2.5)
+    with pytest.raises(
+        UnknownNameError, match=r"distribution: unknown name 'normal'; expected one of \["
+    ):
+        grads.two_point(distribution="normal")
+    with pytest.raises(OptionError, match=r"step: expected a positive finite number, got 0"):
+        grads.forward_difference(step=0.0)
+    with pytest.raises(OptionError, match=r"smoothing: expected a positive finite number, got -1"):
+        grads.two_point(smoothing=-1.0)
+    with pytest.raises(OptionError, match=r"batch_size: expected an integer ≥ 1, got 0"):
+        grads.forward_mode(batch_size=0)
+    with pytest.raises(OptionError, match=r"lean: the 'orthogonal' distribution has no lean mode"):
+        grads.two_point(distribution="orthogonal", lean=True)
+    with pytest.raises(OptionError, match=r"lean: expected True or False"):
+        grads.two_point(lean=1)
+
+
+def test_registry_errors():
+    with pytest.raises(
+        UnknownNameError, match=r"strategy: unknown name 'two_pont'.*Did you mean 'two_point'"
+    ):
+        grads.make("two_pont")
+    with pytest.raises(
+        OptionError, match=r"unknown option 'num_dirs'.*num_directions=1.*distribution='sphere'"
+    ):
+        grads.make("two_point", num_dirs=3)
+    assert grads.options("forward_difference") == {"step": None}
+    s = grads.make("two_point", num_directions=4, distribution="gaussian")
+    assert s.name == "two_point"
+    assert s.options["num_directions"] == 4
+    assert (
+        s.label
+        == "two_point[batch_size=None,distribution=gaussian,lean=False,num_directions=4,smoothing=None]"
+    )
+
+
+def test_call_errors():
+    x = jnp.ones(3)
+    with pytest.raises(
+        NotScalarError, match=r"two_point: fn: the function must return a real scalar"
+    ):
+        grads.two_point()(lambda z: z * 2, x, jax.random.key(0))
+    with pytest.raises(NotScalarError, match=r"exact: fn"):
+        grads.exact()(lambda z: z * 2, x, jax.random.key(0))
+    with pytest.raises(OptionError, match=r"key: expected a jax.random.key, got None"):
+        grads.exact()(jnp.sum, x, None)
+    with pytest.raises(OptionError, match=r"num: the 'orthogonal' sampler draws at most d = 3"):
+        grads.two_point(num_directions=4, distribution="orthogonal")(jnp.sum, x, jax.random.key(0))
