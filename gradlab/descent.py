@@ -10,11 +10,13 @@ The strategy contract (:mod:`gradlab.grads`): ``strategy(fn, params, key) -> gra
 ``value``, ``grad`` (the pytree of ``params``), ``num_fun_evals``, ``num_grads``, ``num_jvps`` (the cost of
 this one estimate) and ``std_error``.
 
-Steps run as a jitted ``lax.scan`` over a chunk of ``chunk_size`` steps, compiled once (per ``fn``,
-``strategy``, ``optimizer`` object, parameter shapes and settings; later calls with new parameter values or
-keys reuse the executable) and driven by a Python loop over chunks that stops at the tolerance or at the
-first non-finite loss. The monitoring — the true loss ``f(x_k)`` at every step, and ``‖∇f(x_k)‖`` by
-``jax.grad`` when asked — is not counted as cost.
+Steps run as a jitted ``lax.while_loop`` over a segment of at most ``chunk_size`` steps that exits at the
+tolerance or at the first non-finite loss, compiled once (per ``fn``, ``strategy``, ``optimizer`` object,
+parameter shapes and settings; later calls with new parameter values or keys reuse the executable); by
+default a whole run is one segment. The monitoring — the true loss ``f(x_k)`` at every step, and
+``‖∇f(x_k)‖`` by ``jax.grad`` when asked — is not counted as cost. Where the strategy's ``value`` is the
+exact ``f(x_k)`` (:data:`EXACT_VALUE_STRATEGIES`) it is the monitored loss, so monitoring costs nothing;
+otherwise ``fn`` is evaluated once more per step.
 
 >>> import jax, optax
 >>> from gradlab import grads, problems
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -58,6 +61,7 @@ from gradlab._validate import (
 __all__ = ["History", "clear_cache", "run"]
 
 DEFAULT_CHUNK_SIZE = 256
+MAX_CHUNK_SIZE = 1 << 16
 _CACHE_SIZE = 32
 
 
@@ -216,28 +220,86 @@ def _linesearch_cost(opt_state: Any, dtype: Any) -> tuple[Any, Any]:
     return fe, gr
 
 
+# Strategies whose ``GradEstimate.value`` is the exact ``f(x)`` (see :class:`gradlab.grads.GradEstimate`):
+# the engine then records it as the monitored loss instead of evaluating ``fn`` again. ``two_point`` and
+# ``central_difference`` return the O(h²) mean of the ± evaluations, so ``fn`` is evaluated for them. A
+# strategy can also declare itself with an ``exact_value`` attribute (which takes precedence).
+EXACT_VALUE_STRATEGIES = frozenset(
+    {"exact", "forward_mode", "forward_difference", "forward_gradient"}
+)
+
+
+def _value_is_exact(strategy: Any) -> bool:
+    flag = getattr(strategy, "exact_value", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(strategy, "name", None) in EXACT_VALUE_STRATEGIES
+
+
+def _static_cost(fn, strategy, optimizer, params, key) -> np.ndarray | None:
+    """The per-step cost ``[fun_evals, grads, jvps]`` when it does not depend on the point or the key (and no
+    line search adds to it), else ``None``; found by a dependency walk over the strategy's jaxpr."""
+
+    def is_info(x):
+        return hasattr(x, "num_linesearch_steps") and hasattr(x, "_fields")
+
+    state = jax.eval_shape(optimizer.init, params)
+    if any(is_info(x) for x in jax.tree.leaves(state, is_leaf=is_info)):
+        return None
+
+    def cost(p, k):
+        est = strategy(fn, p, k)
+        return [
+            jnp.asarray(getattr(est, f), jnp.int32)
+            for f in ("num_fun_evals", "num_grads", "num_jvps")
+        ]
+
+    closed = jax.make_jaxpr(cost)(params, key)
+    dep = set(closed.jaxpr.invars)
+    for eqn in closed.jaxpr.eqns:
+        if any(v in dep for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)):
+            dep.update(eqn.outvars)
+    if any(v in dep for v in closed.jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)):
+        return None
+    return np.asarray(jax.jit(cost)(params, key), np.int64).reshape(3)
+
+
 class _Config(NamedTuple):
-    chunk_size: int
+    capacity: int
     record_grad_norm: bool
     criterion: str | None
     extra_args: bool
+    exact_value: bool
 
 
 def _build(fn, strategy, optimizer, cfg: _Config):
-    """The two pure functions that get compiled: ``init`` and ``chunk`` (a scan of ``chunk_size`` steps)."""
+    """The pure functions that get compiled: ``init`` and ``segment`` (up to ``capacity`` steps).
+
+    The loop is rotated so that the estimate at ``x_k`` is computed once and serves twice: its value is the
+    monitored loss ``f(x_k)`` (when exact) that decides the stop, and its gradient makes the step
+    ``x_k → x_{k+1}``. The carry holds the pending estimate (gradient, value, cost) at the current point.
+    When the per-step cost is a trace-time constant (no line search), it is not accumulated in the loop:
+    ``info["static_cost"]`` holds it and the driver rebuilds the cumulative counts on the host.
+    """
     count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    info: dict[str, Any] = {}
 
-    def monitor(p):
+    def estimate(params, key, t):
+        est = strategy(fn, params, jax.random.fold_in(key, t))
+        cost = jnp.stack(
+            [
+                jnp.asarray(est.num_fun_evals, count_dtype),
+                jnp.asarray(est.num_grads, count_dtype),
+                jnp.asarray(est.num_jvps, count_dtype),
+            ]
+        )
         if cfg.record_grad_norm:
-            v, g = jax.value_and_grad(fn)(p)
-            return v, tree_norm(g).astype(v.dtype)
-        v = fn(p)
-        return v, jnp.full((), jnp.nan, v.dtype)
-
-    def init(params):
-        opt_state = optimizer.init(params)
-        loss, gnorm = monitor(params)
-        return opt_state, loss, gnorm
+            v, g = jax.value_and_grad(fn)(params)
+            loss, gnorm = v, tree_norm(g).astype(v.dtype)
+        else:
+            loss = est.value if cfg.exact_value else fn(params)
+            gnorm = None
+        return (est.grad, est.value, cost), loss, gnorm
 
     def criterion(loss, gnorm, tol, f0, f_star):
         if cfg.criterion == "relative_gap":
@@ -246,43 +308,78 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             return gnorm <= tol
         return jnp.zeros((), bool)
 
-    def chunk(carry, key, start, num_steps, tol, f0, f_star):
-        def take_step(c, t):
-            params, opt_state, counts, loss, gnorm, _ = c
-            est = strategy(fn, params, jax.random.fold_in(key, t))
+    def init(params, key):
+        opt_state = optimizer.init(params)
+        pending, loss, gnorm = estimate(params, key, jnp.zeros((), count_dtype))
+        if gnorm is None:
+            gnorm = jnp.full((), jnp.nan, jnp.result_type(loss))
+        return opt_state, pending, loss, gnorm
+
+    def step_cost(cost, new_state):
+        ls_fe, ls_gr = _linesearch_cost(new_state, count_dtype)
+        return cost + jnp.stack([ls_fe, ls_gr, jnp.zeros((), count_dtype)])
+
+    def segment(carry, key, start, end, tol, f0, f_star):
+        """Steps ``t = start, ..., end − 1`` (at most ``capacity``), ending early at a stop.
+
+        Step ``t`` applies the pending estimate at ``x_t``, then estimates at ``x_{t+1}`` and checks the stop
+        on ``f(x_{t+1})``; it writes ``f(x_{t+1})`` (and the cumulative costs after ``t + 1`` steps) at
+        ``t − start``. Returns the carry, the buffers and the number of steps taken.
+        """
+        dtype = f0.dtype
+        static = info.get("static_cost") is not None
+        bufs = (
+            jnp.zeros((cfg.capacity,), dtype),
+            jnp.zeros((cfg.capacity,), dtype) if cfg.record_grad_norm else None,
+            None if static else jnp.zeros((cfg.capacity, 3), count_dtype),
+        )
+
+        def cond(s):
+            t, c, _ = s
+            return jnp.logical_and(t < end, ~c[-1])
+
+        def body(s):
+            t, (params, opt_state, counts, pending, _), (bl, bg, bc) = s
+            grad, value, cost = pending if counts is not None else (*pending, None)
             if cfg.extra_args:
                 updates, new_state = optimizer.update(
-                    est.grad, opt_state, params, value=est.value, grad=est.grad, value_fn=fn
+                    grad, opt_state, params, value=value, grad=grad, value_fn=fn
                 )
             else:
-                updates, new_state = optimizer.update(est.grad, opt_state, params)
+                updates, new_state = optimizer.update(grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             new_params = jax.tree.map(lambda n, o: n.astype(o.dtype), new_params, params)
-            ls_fe, ls_gr = _linesearch_cost(new_state, count_dtype)
-            cost = jnp.stack(
-                [
-                    jnp.asarray(est.num_fun_evals, count_dtype) + ls_fe,
-                    jnp.asarray(est.num_grads, count_dtype) + ls_gr,
-                    jnp.asarray(est.num_jvps, count_dtype),
-                ]
-            )
-            new_loss, new_gnorm = monitor(new_params)
-            new_loss = new_loss.astype(loss.dtype)
-            new_gnorm = new_gnorm.astype(gnorm.dtype)
-            bad = ~jnp.isfinite(new_loss)
-            hit = criterion(new_loss, new_gnorm, tol, f0, f_star)
-            return (new_params, new_state, counts + cost, new_loss, new_gnorm, bad | hit)
+            t = t + 1
+            new_pending, loss, gnorm = estimate(new_params, key, t)
+            loss = loss.astype(dtype)
+            stop = ~jnp.isfinite(loss)
+            if cfg.criterion is not None:
+                stop = stop | criterion(loss, gnorm, tol, f0, f_star)
+            i = (t - 1 - start).astype(jnp.int32)
+            bl = lax.dynamic_update_slice(bl, loss[None], (i,))
+            if bg is not None:
+                bg = lax.dynamic_update_slice(bg, gnorm.astype(dtype)[None], (i,))
+            if bc is not None:
+                counts = counts + step_cost(cost, new_state)
+                bc = lax.dynamic_update_slice(bc, counts[None], (i, jnp.zeros((), jnp.int32)))
+            if counts is None:
+                new_pending = new_pending[:2]
+            return t, (new_params, new_state, counts, new_pending, stop), (bl, bg, bc)
 
-        def body(c, i):
-            t = start + i
-            active = jnp.logical_and(~c[-1], t < num_steps)
-            c = lax.cond(active, take_step, lambda c, t: c, c, t)
-            _, _, counts, loss, gnorm, _ = c
-            return c, (loss, gnorm, counts, active)
+        params, opt_state, counts, pending, stop = carry
+        if static:  # a constant cost need not travel through the loop
+            loop_carry = (params, opt_state, None, pending[:2], stop)
+        else:
+            loop_carry = carry
+        t, loop_carry, bufs = lax.while_loop(cond, body, (start, loop_carry, bufs))
+        n = t - start
+        if static:
+            params, opt_state, _, (grad, value), stop = loop_carry
+            counts = counts + n.astype(count_dtype) * jnp.asarray(info["static_cost"], count_dtype)
+            loop_carry = (params, opt_state, counts, (grad, value, pending[2]), stop)
+        return loop_carry, bufs, n
 
-        return lax.scan(body, carry, jnp.arange(cfg.chunk_size))
-
-    return init, chunk
+    return init, segment, info
 
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -294,38 +391,39 @@ def _signature(tree: Any) -> tuple:
 
 
 def _compiled(fn, strategy, optimizer, cfg: _Config, params, key):
-    """Return ``(init_exe, chunk_exe, compile_time)``, compiling (and validating) on a cache miss."""
+    """Return ``(init_exe, segment_exe, static_cost, compile_time)``, compiling on a cache miss."""
     cache_key = (id(fn), id(strategy), id(optimizer), cfg, _signature(params), _signature(key))
     hit = _CACHE.get(cache_key)
     if hit is not None:
         _CACHE.move_to_end(cache_key)
-        return hit[0], hit[1], 0.0
+        return hit[0], hit[1], hit[2], 0.0
     _validate_shapes(fn, params, strategy, key)
-    init, chunk = _build(fn, strategy, optimizer, cfg)
+    init, segment, info = _build(fn, strategy, optimizer, cfg)
     t0 = time.perf_counter()
-    init_exe = jax.jit(init).lower(params).compile()
-    opt_state, loss, gnorm = jax.eval_shape(init, params)
+    info["static_cost"] = _static_cost(fn, strategy, optimizer, params, key)
+    init_exe = jax.jit(init).lower(params, key).compile()
+    opt_state, pending, loss, _ = jax.eval_shape(init, params, key)
     dtype = loss.dtype
     count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
     carry = (
         params,
         opt_state,
         jax.ShapeDtypeStruct((3,), count_dtype),
-        loss,
-        gnorm,
+        pending,
         jax.ShapeDtypeStruct((), bool),
     )
     scalar = jax.ShapeDtypeStruct((), dtype)
     int_scalar = jax.ShapeDtypeStruct((), count_dtype)
-    chunk_exe = (
-        jax.jit(chunk).lower(carry, key, int_scalar, int_scalar, scalar, scalar, scalar).compile()
+    segment_exe = (
+        jax.jit(segment).lower(carry, key, int_scalar, int_scalar, scalar, scalar, scalar).compile()
     )
     compile_time = time.perf_counter() - t0
+    static_cost = info.get("static_cost")
     # strong references to fn, strategy, optimizer keep their ids from being reused while cached
-    _CACHE[cache_key] = (init_exe, chunk_exe, fn, strategy, optimizer)
+    _CACHE[cache_key] = (init_exe, segment_exe, static_cost, fn, strategy, optimizer)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return init_exe, chunk_exe, compile_time
+    return init_exe, segment_exe, static_cost, compile_time
 
 
 def clear_cache() -> None:
@@ -376,9 +474,9 @@ def run(
       num_steps: the maximum number of steps, an integer ≥ 1.
       tol: the stopping tolerance (> 0), or ``None`` to run all ``num_steps`` steps.
       f_star: the optimal value ``f*`` (e.g. ``problem.min_value``), or ``None``.
-      chunk_size: steps per compiled ``lax.scan`` (default 256, whatever ``num_steps``, so that runs of
-        different lengths share one executable); the driver checks for the stop between chunks, and steps
-        past the stop (or past ``num_steps``) inside a chunk are skipped by ``lax.cond``.
+      chunk_size: the most steps per call of the compiled loop (the host checks in between). Default: the
+        whole run, rounded up to a power of two (at least 256, at most 65536), so that runs of similar
+        lengths share one executable; the loop exits at the stop, so no step past it is computed.
       record_grad_norm: also record ``‖∇f(x_k)‖`` at every step.
 
     Returns:
@@ -413,27 +511,32 @@ def run(
             raise OptionError(
                 f"f_star: expected a real number (the optimal value), got {f_star!r}."
             ) from None
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if chunk_size is None:
+        # one segment for the whole run where it fits; capacities are powers of two (≥ 256) so that runs of
+        # similar lengths share one executable
+        chunk_size = min(max(DEFAULT_CHUNK_SIZE, 1 << (num_steps - 1).bit_length()), MAX_CHUNK_SIZE)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     criterion = None if tol is None else ("relative_gap" if f_star is not None else "grad_norm")
     record = bool(record_grad_norm) or criterion == "grad_norm"
     extra = isinstance(optimizer, optax.GradientTransformationExtraArgs)
-    cfg = _Config(chunk_size, record, criterion, extra)
+    cfg = _Config(chunk_size, record, criterion, extra, _value_is_exact(strategy))
 
-    init_exe, chunk_exe, compile_time = _compiled(fn, strategy, optimizer, cfg, params, key)
+    init_exe, segment_exe, static_cost, compile_time = _compiled(
+        fn, strategy, optimizer, cfg, params, key
+    )
 
-    count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    count_dtype = np.int64 if jax.config.jax_enable_x64 else np.int32
     t0 = time.perf_counter()
-    opt_state, loss0, gnorm0 = jax.block_until_ready(init_exe(params))
-    dtype = loss0.dtype
+    opt_state, pending, loss0, gnorm0 = jax.block_until_ready(init_exe(params, key))
+    dtype = np.dtype(loss0.dtype)
     f0 = float(loss0)
     losses, gnorms = [np.asarray([f0])], [np.asarray([float(gnorm0)])]
     counts = [np.zeros((1, 3), np.int64)]
     steps_run = 0
     steps_to_tol = diverged_step = None
-    tol_arr = jnp.asarray(np.inf if tol is None else tol, dtype)
-    fstar_arr = jnp.asarray(np.nan if f_star is None else f_star, dtype)
-    f0_arr = jnp.asarray(f0, dtype)
+    tol_arr = np.asarray(np.inf if tol is None else tol, dtype)
+    fstar_arr = np.asarray(np.nan if f_star is None else f_star, dtype)
+    f0_arr = np.asarray(f0, dtype)
 
     def holds(loss, gnorm):
         if criterion == "relative_gap":
@@ -450,23 +553,32 @@ def run(
         carry = (
             params,
             opt_state,
-            jnp.zeros((3,), count_dtype),
-            loss0,
-            gnorm0,
-            jnp.zeros((), bool),
+            np.zeros((3,), count_dtype),
+            pending,
+            np.zeros((), bool),
         )
-        nsteps = jnp.asarray(num_steps, count_dtype)
         for start in range(0, num_steps, chunk_size):
-            carry, (loss, gnorm, cum, active) = chunk_exe(
-                carry, key, jnp.asarray(start, count_dtype), nsteps, tol_arr, f0_arr, fstar_arr
+            end = min(start + chunk_size, num_steps)
+            carry, bufs, n = segment_exe(
+                carry,
+                key,
+                np.asarray(start, count_dtype),
+                np.asarray(end, count_dtype),
+                tol_arr,
+                f0_arr,
+                fstar_arr,
             )
-            loss, gnorm, cum, active = jax.device_get((loss, gnorm, cum, active))
-            n = int(active.sum())  # active steps form a prefix of the chunk
+            (loss, gnorm, cum), n, stopped = jax.device_get((bufs, n, carry[-1]))
+            n = int(n)
             losses.append(loss[:n])
-            gnorms.append(gnorm[:n])
-            counts.append(cum[:n].astype(np.int64))
+            if record:
+                gnorms.append(gnorm[:n])
+            if static_cost is None:
+                counts.append(cum[:n].astype(np.int64))
+            else:  # a constant cost per step: the cumulative counts are rebuilt here
+                counts.append((steps_run + np.arange(1, n + 1))[:, None] * static_cost[None, :])
             steps_run += n
-            if bool(carry[-1]):  # stopped: a non-finite loss, or the criterion held
+            if bool(stopped):  # a non-finite loss, or the criterion held
                 if np.isfinite(loss[n - 1]):
                     steps_to_tol = steps_run
                 else:

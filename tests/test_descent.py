@@ -312,3 +312,24 @@ def test_real_exact_matches_local_exact():
     a = descent.run(p.loss, p.init, grads.exact(), opt, key=jax.random.key(0), num_steps=50)
     b = descent.run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=50)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)
+
+
+def test_divergence_without_tol_is_detected_and_params_are_at_the_stop():
+    p = lsq(3)
+    h = gd(p, step=3 / p.smoothness, num_steps=20000)
+    assert h.diverged and h.diverged_step == h.steps_run < 20000
+    assert h.loss.shape == (h.steps_run + 1,) and h.num_grads[-1] == h.steps_run
+    assert not np.isfinite(h.loss[-1]) and np.all(np.isfinite(h.loss[:-1]))
+
+
+def test_exact_value_strategies_monitor_the_true_loss():
+    assert descent._value_is_exact(grads.exact()) and descent._value_is_exact(grads.forward_mode())
+    assert not descent._value_is_exact(grads.two_point()) and not descent._value_is_exact(
+        local_exact
+    )
+    p = lsq(2)
+    for strategy in (grads.two_point(), grads.forward_difference()):
+        h = gd(p, strategy, step=1 / (10 * p.smoothness), num_steps=30)
+        want = [float(p.loss(h.params))]
+        np.testing.assert_allclose(h.loss[-1:], want, rtol=1e-12)
+        np.testing.assert_allclose(h.loss[0], float(p.loss(p.init)), rtol=1e-12)
