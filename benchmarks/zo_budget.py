@@ -13,6 +13,10 @@ gradlab engine (``descent.run``; monitoring ``f(x_k)`` is free, as in the engine
   ``gradlab.zo_sphere_k1`` (1/(dL)), ``gradlab.zo_sphere_k1_trace`` (trace step), ``gradlab.zo_iid_k10``
   (1/(L(1+(d−1)/k))), ``gradlab.zo_orth_k10`` (k/(dL)). The 2-point ZO-GD rows at ``d = 1000`` need
   10⁵ steps each and are only run with ``--slow`` (they are far from the goal anyway; see ANCHORS).
+library zero-order method (``descent.fd_cg``, the promoted ``proto.fd_cg_secant``):
+  ``gradlab.fd_cg``: ``descent.fd_cg(f, w0, check_decrease=False, ...)`` — forward-difference gradients at
+    trial points, PR+ conjugate directions, secant step: ``d + 1`` evaluations per iteration, counted by the
+    library (``History.fun_evals_to_tol``); it must reproduce ``proto.fd_cg_secant``'s counts.
 prototypes in this file (JAX, jitted once per ``d``; the evaluation counter is exact — every call of ``f``
   by the method is counted; monitoring ``f(x_k)`` for the stopping test is free, as in ``descent.run``):
   ``proto.fd_cg_secant``: forward-difference gradient (``d + 1`` evaluations) at a *trial* point
@@ -138,6 +142,20 @@ def run_gradlab(name: str, build: Callable, p: dict, seed: int) -> dict:
         "fun_evals_to_tol": h.fun_evals_to_tol,
         "steps_to_tol": h.steps_to_tol,
         "grads_to_tol": None if h.steps_to_tol is None else int(h.num_grads[h.steps_to_tol]),
+        "compile_s": h.compile_time,
+        "run_s": h.run_time,
+    }
+
+
+def run_fd_cg(p: dict, seed: int) -> dict:
+    """``descent.fd_cg`` (the library version of ``proto.fd_cg_secant``) on one instance."""
+    d = p["d"]
+    f = jax_loss(jnp.asarray(p["A"]), jnp.asarray(p["b"]))
+    h = descent.fd_cg(f, jnp.zeros(d), num_steps=10 * d + 100, tol=TOL, f_star=p["f_star"],
+                      check_decrease=False)  # fmt: skip
+    return {
+        "fun_evals_to_tol": h.fun_evals_to_tol,
+        "steps_to_tol": h.steps_to_tol,
         "compile_s": h.compile_time,
         "run_s": h.run_time,
     }
@@ -449,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     for d in dims:
         d_seeds = seeds if d < 1000 else seeds[: args.seeds_1000]
         problems = {s: make_problem(d, s) for s in d_seeds}
+
+        # the library method first, so that it is named the best on a tie with its prototype
+        rows = [run_fd_cg(problems[s], s) for s in d_seeds]
+        results[d]["gradlab.fd_cg"] = line = summarize_rows("gradlab.fd_cg", d, rows, d_seeds)
+        emit(line)
 
         for name in PROTOTYPES:
             if d >= 1000 and name in SLOW_AT_1000 and not args.slow:

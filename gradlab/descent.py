@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -58,7 +59,7 @@ from gradlab._validate import (
     check_scalar_output,
 )
 
-__all__ = ["History", "clear_cache", "run"]
+__all__ = ["History", "clear_cache", "fd_cg", "run"]
 
 DEFAULT_CHUNK_SIZE = 256
 MAX_CHUNK_SIZE = 1 << 16
@@ -427,8 +428,9 @@ def _compiled(fn, strategy, optimizer, cfg: _Config, params, key):
 
 
 def clear_cache() -> None:
-    """Drop the compiled executables that :func:`run` keeps between calls."""
+    """Drop the compiled executables that :func:`run` and :func:`fd_cg` keep between calls."""
     _CACHE.clear()
+    _FD_CG_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -603,6 +605,302 @@ def run(
         compile_time=compile_time,
         run_time=run_time,
         params=params,
+        f_star=f_star,
+        tol=tol,
+        criterion=criterion,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A derivative-free method: forward differences + Polak–Ribière+ conjugate directions + secant steps
+
+
+class _FdCgConfig(NamedTuple):
+    num_steps: int
+    step: float | None
+    restart_every: int
+    check_decrease: bool
+    criterion: str | None
+
+
+_FD_CG_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def _build_fd_cg(f, cfg: _FdCgConfig):
+    """The pure function that gets compiled: ``(x0, tol, f_star) -> (x, loss, gnorm, evals, n, stop, div)``."""
+    count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+    cap = cfg.num_steps
+
+    def fd_grad(y, f_y):
+        s = jnp.sqrt(jnp.finfo(y.dtype).eps) if cfg.step is None else cfg.step
+        h = jnp.asarray(s, y.dtype) * jnp.maximum(1.0, jnp.abs(y))
+        h = (y + h) - y  # the step actually represented (Nocedal & Wright §8.1)
+        fp = jax.vmap(lambda i: f(y.at[i].add(h[i])))(jnp.arange(y.size))
+        return (fp - f_y) / h
+
+    def pr_plus(g_new, g, p):
+        beta = jnp.maximum(0.0, jnp.dot(g_new, g_new - g) / jnp.dot(g, g))
+        p_new = -g_new + beta * p
+        return jnp.where(jnp.dot(g_new, p_new) < 0, p_new, -g_new)
+
+    def run_fd_cg(x0, tol, f_star):
+        d = x0.size
+        dt = x0.dtype
+        f0 = f(x0).astype(dt)
+        g0 = fd_grad(x0, f0)
+
+        def stop_test(loss, gnorm):
+            bad = ~jnp.isfinite(loss)
+            if cfg.criterion == "relative_gap":
+                return bad | ((loss - f_star) <= tol * (f0 - f_star))
+            if cfg.criterion == "grad_norm":
+                return bad | (gnorm <= tol)
+            return bad
+
+        def cond(c):
+            return (c["k"] < cap) & ~c["stop"]
+
+        def body(c):
+            x, g, p, a0, fx = c["x"], c["g"], c["p"], c["a0"], c["fx"]
+            y = x + a0 * p
+            fy = f(y).astype(dt)
+            gy = fd_grad(y, fy)
+            evals = d + 1
+            slope = jnp.dot(g, p)
+            curv = jnp.dot(gy - g, p) / a0  # pᵀ∇²f p along the segment (exact for a quadratic)
+            alpha = -slope / curv
+            x_c = x + alpha * p
+            g_c = g + (alpha / a0) * (
+                gy - g
+            )  # the secant-interpolated gradient at the line minimum
+            ok = (curv > 0) & jnp.isfinite(alpha)
+            if cfg.check_decrease:
+                f_c = f(x_c).astype(dt)
+                evals = evals + 1
+                ok = ok & (f_c <= fx)
+            else:
+                f_c = fx  # unknown; the monitored loss is taken below
+
+            def accept(_):
+                restart = c["since"] + 1 >= cfg.restart_every
+                p_new = jnp.where(restart, -g_c, pr_plus(g_c, g, p))
+                since = jnp.where(restart, 0, c["since"] + 1)
+                return x_c, g_c, p_new, alpha, f_c, since, jnp.zeros((), count_dtype)
+
+            def fallback(_):
+                # f(x) is known when decreases are checked; otherwise it is evaluated (one more)
+                fx_known = fx if cfg.check_decrease else f(x).astype(dt)
+                extra0 = 0 if cfg.check_decrease else 1
+                move = fy < fx_known  # the trial point, with its fresh FD gradient, is better
+
+                def to_y(_):
+                    return y, gy, fy, jnp.asarray(extra0, count_dtype)
+
+                def stay(_):
+                    return x, fd_grad(x, fx_known), fx_known, jnp.asarray(extra0 + d, count_dtype)
+
+                x_n, g_n, f_n, extra = lax.cond(move, to_y, stay, None)
+                p_n = -g_n
+                length = jnp.abs(a0) * jnp.linalg.norm(p) * jnp.where(move, 2.0, 0.25)
+                a_n = length / jnp.maximum(jnp.linalg.norm(p_n), jnp.finfo(dt).tiny)
+                return x_n, g_n, p_n, a_n.astype(dt), f_n, jnp.zeros_like(c["since"]), extra
+
+            x_n, g_n, p_n, a_n, f_n, since, extra = lax.cond(ok, accept, fallback, None)
+            loss = f_n if cfg.check_decrease else f(x_n).astype(dt)  # monitoring: not counted
+            gnorm = jnp.linalg.norm(g_n).astype(dt)
+            k = c["k"] + 1
+            evals_total = c["evals"] + evals + extra
+            i = k - 1
+            return {
+                "x": x_n,
+                "g": g_n,
+                "p": p_n,
+                "a0": a_n,
+                "fx": loss,
+                "since": since,
+                "k": k,
+                "evals": evals_total,
+                "stop": stop_test(loss, gnorm),
+                "loss": c["loss"].at[i].set(loss),
+                "gnorm": c["gnorm"].at[i].set(gnorm),
+                "counts": c["counts"].at[i].set(evals_total),
+            }
+
+        gnorm0 = jnp.linalg.norm(g0).astype(dt)
+        init = {
+            "x": x0,
+            "g": g0,
+            "p": -g0,
+            "a0": jnp.ones((), dt),
+            "fx": f0,
+            "since": jnp.zeros((), jnp.int32),
+            "k": jnp.zeros((), jnp.int32),
+            "evals": jnp.asarray(d + 1, count_dtype),  # f(x_0) and the FD gradient at x_0
+            "stop": stop_test(f0, gnorm0),
+            "loss": jnp.zeros((cap,), dt),
+            "gnorm": jnp.zeros((cap,), dt),
+            "counts": jnp.zeros((cap,), count_dtype),
+        }
+        out = lax.while_loop(cond, body, init)
+        return out["x"], f0, gnorm0, out["loss"], out["gnorm"], out["counts"], out["k"]
+
+    return run_fd_cg
+
+
+def fd_cg(
+    fn: Callable[[Any], Any],
+    params: Any,
+    /,
+    *,
+    num_steps: int,
+    tol: float | None = None,
+    f_star: float | None = None,
+    step: float | None = None,
+    restart_every: int | None = None,
+    check_decrease: bool = True,
+) -> History:
+    """Derivative-free minimisation: forward-difference gradients, Polak–Ribière+ directions, secant steps.
+
+    Math (``x ∈ R^d``, ``params`` ravelled with :func:`jax.flatten_util.ravel_pytree`):
+
+    - forward differences sharing the base value: ``ĝ(y)_i = (f(y + h_i e_i) − f(y)) / h_i`` with
+      ``h_i = s·max(1, |y_i|)``, ``s = step`` or ``√ε`` (as :func:`gradlab.grads.forward_difference`):
+      ``d + 1`` evaluations;
+    - Polak–Ribière+ conjugate directions ``p_{k+1} = −g_{k+1} + β p_k``, ``β = max(0, g_{k+1}ᵀ(g_{k+1} −
+      g_k)/‖g_k‖²)``, reset to ``−g_{k+1}`` when not a descent direction and every ``restart_every``
+      iterations (default ``d``);
+    - a secant line search that needs no gradient at ``x_k`` beyond the one carried: the FD gradient is taken
+      at a trial point ``y = x_k + α₀ p_k`` only (``α₀`` the previous step, 1 at first); the curvature along
+      ``p_k`` is ``c = (ĝ(y) − g_k)ᵀp_k / α₀``, the step ``α = −g_kᵀp_k / c`` (the zero of the secant of
+      ``φ'(α) = ∇f(x_k + αp_k)ᵀp_k``), ``x_{k+1} = x_k + αp_k`` and ``g_{k+1} = g_k + (α/α₀)(ĝ(y) − g_k)``
+      (linear interpolation of the gradient). On a quadratic this is the exact line search of linear CG,
+      up to the O(√ε) FD error.
+
+    Cost (``History.num_fun_evals``, exact): the first iteration also pays ``f(x_0)`` and ``ĝ(x_0)`` (``d +
+    1``); each iteration ``d + 1`` (``f(y)`` and ``ĝ(y)``), plus 1 for ``f(x_{k+1})`` when
+    ``check_decrease`` (the default). Safeguard: if ``c ≤ 0`` or (``check_decrease``) ``f(x_{k+1}) >
+    f(x_k)``, the iteration falls back to a steepest-descent restart — to ``y`` with its fresh FD gradient
+    when ``f(y) < f(x_k)`` (no extra evaluation), else staying at ``x_k`` with a fresh FD gradient there
+    (``d`` more), the trial length ×2 or ×¼; without ``check_decrease`` the fallback also evaluates
+    ``f(x_k)`` (1 more). ``check_decrease=False`` is the ``d + 1`` per iteration configuration for
+    convex quadratics (least squares), where the curvature test is the only safeguard needed.
+
+    The stopping test (not counted, as in :func:`run`): the relative gap of the monitored ``f(x_k)`` when
+    ``f_star`` is given, else ``‖g_k‖ ≤ tol`` on the method's own gradient estimate (recorded in
+    ``History.grad_norm``; it is not ``jax.grad``). Without ``check_decrease`` the monitored ``f(x_k)`` is an
+    extra uncounted evaluation, used only to record and stop (never to steer). One ``lax.while_loop``,
+    compiled once per (``fn``, parameter shapes/dtypes, settings); ``num_grads``/``num_jvps`` are zeros.
+
+    Args:
+      fn: the loss, ``fn(params) -> real scalar``.
+      params: the starting point, any pytree of float arrays.
+      num_steps: the maximum number of iterations, an integer ≥ 1.
+      tol: the stopping tolerance (> 0), or ``None``.
+      f_star: the optimal value (the relative-gap criterion), or ``None``.
+      step: the relative FD step ``s`` (> 0), default ``√ε`` of the params dtype.
+      restart_every: restart the conjugate direction every this many iterations (integer ≥ 1; default ``d``).
+      check_decrease: evaluate (and count) ``f(x_{k+1})`` and fall back when it increased.
+
+    >>> import jax, jax.numpy as jnp  # float64 (jax_enable_x64), as in the test set-up
+    >>> A = jnp.diag(jnp.arange(1.0, 6.0))
+    >>> h = fd_cg(lambda x: 0.5 * x @ A @ x - x.sum(), jnp.zeros(5), num_steps=50, tol=1e-8,
+    ...           f_star=-0.5 * float(jnp.sum(1 / jnp.arange(1.0, 6.0))), check_decrease=False)
+    >>> h.steps_to_tol, h.fun_evals_to_tol, [int(n) for n in h.num_fun_evals[:3]], h.num_grads.max()
+    (5, 36, [0, 12, 18], np.int64(0))
+    >>> [round(float(v), 6) for v in h.params]
+    [1.0, 0.5, 0.333333, 0.25, 0.2]
+
+    References: Nocedal & Wright (2006), *Numerical Optimization*, ch. 5 (conjugate gradients, PR+) and
+    ch. 8 (finite differences); Polak & Ribière (1969), *Rev. Fr. Inform. Rech. Opér.* 3(16); Powell (1977),
+    "Restart procedures for the conjugate gradient method", *Math. Programming* 12.
+    """
+    if not callable(fn):
+        raise OptionError(
+            f"fn: expected a callable loss fn(params) -> scalar, got {type(fn).__name__}."
+        )
+    num_steps = check_positive_int("num_steps", num_steps)
+    if tol is not None:
+        tol = check_positive("tol", tol)
+    if f_star is not None:
+        try:
+            f_star = float(f_star)
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"f_star: expected a real number (the optimal value), got {f_star!r}."
+            ) from None
+    if step is not None:
+        step = check_positive("step", step)
+    if not isinstance(check_decrease, bool):
+        raise OptionError(f"check_decrease: expected True or False, got {check_decrease!r}.")
+    x0, unravel = jax.flatten_util.ravel_pytree(params)
+    if not jnp.issubdtype(x0.dtype, jnp.floating) or x0.size == 0:
+        raise OptionError(
+            f"params: expected a non-empty pytree of float arrays, got dtype {x0.dtype}, size {x0.size}."
+        )
+    restart_every = x0.size if restart_every is None else restart_every
+    restart_every = check_positive_int("restart_every", restart_every)
+    out = jax.eval_shape(fn, params)
+    check_scalar_output("fn", out)
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise OptionError(f"fn: the loss must be a real floating scalar, got dtype {out.dtype}.")
+    criterion = None if tol is None else ("relative_gap" if f_star is not None else "grad_norm")
+    cfg = _FdCgConfig(num_steps, step, restart_every, check_decrease, criterion)
+
+    dtype = x0.dtype
+    cache_key = (id(fn), cfg, _signature(params))
+    hit = _FD_CG_CACHE.get(cache_key)
+    scalar = jax.ShapeDtypeStruct((), dtype)
+    if hit is not None:
+        _FD_CG_CACHE.move_to_end(cache_key)
+        exe, compile_time = hit[0], 0.0
+    else:
+        t0 = time.perf_counter()
+        exe = (
+            jax.jit(_build_fd_cg(lambda v: fn(unravel(v)), cfg)).lower(x0, scalar, scalar).compile()
+        )
+        compile_time = time.perf_counter() - t0
+        _FD_CG_CACHE[cache_key] = (exe, fn)  # the reference keeps fn's id from being reused
+        while len(_FD_CG_CACHE) > _CACHE_SIZE:
+            _FD_CG_CACHE.popitem(last=False)
+
+    t0 = time.perf_counter()
+    res = exe(
+        x0,
+        np.asarray(np.inf if tol is None else tol, dtype),
+        np.asarray(np.nan if f_star is None else f_star, dtype),
+    )
+    x, f0, gnorm0, loss, gnorm, counts, n = jax.block_until_ready(res)
+    run_time = time.perf_counter() - t0
+    n = int(n)
+    loss = np.concatenate([[float(f0)], np.asarray(loss[:n], np.float64)])
+    gnorm = np.concatenate([[float(gnorm0)], np.asarray(gnorm[:n], np.float64)])
+    evals = np.concatenate([[0], np.asarray(counts[:n], np.int64)])
+    zeros = np.zeros_like(evals)
+
+    steps_to_tol = diverged_step = None
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if bad.size:
+        diverged_step = int(bad[0])
+    elif criterion is not None:
+        if criterion == "relative_gap":
+            met = np.flatnonzero(loss - f_star <= tol * (loss[0] - f_star))
+        else:
+            met = np.flatnonzero(gnorm <= tol)
+        steps_to_tol = int(met[0]) if met.size else None
+    return History(
+        loss=loss,
+        num_fun_evals=evals,
+        num_grads=zeros,
+        num_jvps=zeros.copy(),
+        grad_norm=gnorm,
+        steps_run=n,
+        steps_to_tol=steps_to_tol,
+        fun_evals_to_tol=None if steps_to_tol is None else int(evals[steps_to_tol]),
+        diverged=diverged_step is not None,
+        diverged_step=diverged_step,
+        compile_time=compile_time,
+        run_time=run_time,
+        params=unravel(x),
         f_star=f_star,
         tol=tol,
         criterion=criterion,
