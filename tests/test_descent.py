@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from gradlab import descent, problems, theory
 from gradlab._validate import NotScalarError, OptionError
@@ -333,3 +334,23 @@ def test_exact_value_strategies_monitor_the_true_loss():
         want = [float(p.loss(h.params))]
         np.testing.assert_allclose(h.loss[-1:], want, rtol=1e-12)
         np.testing.assert_allclose(h.loss[0], float(p.loss(p.init)), rtol=1e-12)
+
+
+@pytest.mark.slow  # 96 compiles (~2-3 min on 2 cores); CI runs it after the default suite
+@pytest.mark.parametrize("problem", problems.names())
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_on_every_catalog_problem(name, problem):
+    """The registry product: every strategy × every catalog problem runs through descent.run."""
+    p = problems.make(problem, jax.random.key(3))
+    flat, _ = ravel_pytree(p.init)
+    d = flat.size
+    lr = 0.1 / (d * p.smoothness) if p.smoothness else 1e-4
+    strategy = grads.make(name)
+    h = descent.run(p.loss, p.init, strategy, optax.sgd(lr), key=jax.random.key(4), num_steps=20)
+    assert not h.diverged and h.steps_run == 20
+    assert np.all(np.isfinite(h.loss))
+    assert jax.tree.structure(h.params) == jax.tree.structure(p.init)
+    est = strategy(p.loss, p.init, jax.random.key(0))
+    np.testing.assert_array_equal(h.num_fun_evals, int(est.num_fun_evals) * np.arange(21))
+    if name in ("exact", "forward_mode", "forward_difference", "central_difference"):
+        assert h.loss[-1] <= h.loss[0]  # a small step along a (near-)exact gradient descends
