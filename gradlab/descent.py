@@ -662,6 +662,14 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
 
         def body(c):
             x, g, p, a0, fx = c["x"], c["g"], c["p"], c["a0"], c["fx"]
+            # Keep the trial displacement ‖a0·p‖ within [1e-4, 1]·max(1, ‖x‖∞): far above the FD step
+            # (so the secant curvature is not FD noise) and not far out on a non-quadratic loss. For a
+            # quadratic the secant curvature is exact for any trial length, so this changes nothing there.
+            scale = jnp.maximum(1.0, jnp.max(jnp.abs(x)))
+            p_len = jnp.maximum(jnp.linalg.norm(p), jnp.finfo(dt).tiny)
+            trial = jnp.abs(a0) * p_len
+            trial = jnp.where(jnp.isfinite(trial), jnp.clip(trial, 1e-4 * scale, scale), scale)
+            a0 = (trial / p_len).astype(dt)
             y = x + a0 * p
             fy = f(y).astype(dt)
             gy = fd_grad(y, fy)

@@ -92,3 +92,11 @@ def test_bad_arguments():
         descent.fd_cg(3, p.init, num_steps=5)
     with pytest.raises(NotScalarError, match="fn"):
         descent.fd_cg(lambda x: x * 2, p.init, num_steps=5)
+
+
+def test_fd_cg_converges_on_mds_with_defaults():
+    """Regression: a far-out first trial on the quartic MDS loss once collapsed the trial length to 0."""
+    p = problems.make("mds", jax.random.key(0), num_points=5, dim=2)
+    h = descent.fd_cg(p.loss, p.init, num_steps=500, tol=1e-6, f_star=0.0)
+    assert h.steps_to_tol is not None
+    assert h.fun_evals_to_tol < 2000  # Nelder–Mead needs ≈ 1,100 here, plain 2-point ZO-GD ≈ 9,000
