@@ -25,6 +25,7 @@ __all__ = [
     "check_positive_int",
     "check_same_structure",
     "check_scalar_output",
+    "keyword_defaults",
 ]
 
 
@@ -161,3 +162,19 @@ def _np_integer():
     import numpy as np
 
     return np.integer
+
+
+def keyword_defaults(fn: Any) -> dict[str, Any]:
+    """The keyword-only parameters of ``fn`` with their defaults: a constructor's options.
+
+    >>> def two_point(*, num_directions=1, distribution="sphere"): ...
+    >>> keyword_defaults(two_point)
+    {'num_directions': 1, 'distribution': 'sphere'}
+    """
+    import inspect
+
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }

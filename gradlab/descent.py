@@ -437,6 +437,21 @@ def clear_cache() -> None:
 # The driver
 
 
+def _check_stop_args(num_steps, tol, f_star):
+    """Validate the arguments ``run`` and ``fd_cg`` share; return them normalised."""
+    num_steps = check_positive_int("num_steps", num_steps)
+    if tol is not None:
+        tol = check_positive("tol", tol)
+    if f_star is not None:
+        try:
+            f_star = float(f_star)
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"f_star: expected a real number (the optimal value), got {f_star!r}."
+            ) from None
+    return num_steps, tol, f_star
+
+
 def run(
     fn: Callable[[Any], Any],
     params: Any,
@@ -503,16 +518,7 @@ def run(
     """
     _check_callables(fn, strategy, optimizer)
     _check_key(key)
-    num_steps = check_positive_int("num_steps", num_steps)
-    if tol is not None:
-        tol = check_positive("tol", tol)
-    if f_star is not None:
-        try:
-            f_star = float(f_star)
-        except (TypeError, ValueError):
-            raise OptionError(
-                f"f_star: expected a real number (the optimal value), got {f_star!r}."
-            ) from None
+    num_steps, tol, f_star = _check_stop_args(num_steps, tol, f_star)
     if chunk_size is None:
         # one segment for the whole run where it fits; capacities are powers of two (≥ 256) so that runs of
         # similar lengths share one executable
@@ -826,16 +832,7 @@ def fd_cg(
         raise OptionError(
             f"fn: expected a callable loss fn(params) -> scalar, got {type(fn).__name__}."
         )
-    num_steps = check_positive_int("num_steps", num_steps)
-    if tol is not None:
-        tol = check_positive("tol", tol)
-    if f_star is not None:
-        try:
-            f_star = float(f_star)
-        except (TypeError, ValueError):
-            raise OptionError(
-                f"f_star: expected a real number (the optimal value), got {f_star!r}."
-            ) from None
+    num_steps, tol, f_star = _check_stop_args(num_steps, tol, f_star)
     if step is not None:
         step = check_positive("step", step)
     if not isinstance(check_decrease, bool):

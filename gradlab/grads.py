@@ -44,7 +44,6 @@ backpropagation".
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -60,6 +59,7 @@ from gradlab._validate import (
     check_positive,
     check_positive_int,
     check_scalar_output,
+    keyword_defaults,
 )
 
 __all__ = [
@@ -470,12 +470,7 @@ def options(name: str) -> dict[str, Any]:
     'sphere'
     """
     check_choice("strategy", name, _REGISTRY)
-    sig = inspect.signature(_REGISTRY[name])
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return keyword_defaults(_REGISTRY[name])
 
 
 def make(name: str, /, **opts: Any) -> Strategy:

@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gradlab._validate import OptionError, check_choice, check_options
+from gradlab._validate import OptionError, check_choice, check_options, keyword_defaults
 
 __all__ = [
     "Problem",
@@ -125,12 +125,7 @@ def options(name: str) -> dict[str, Any]:
     10
     """
     check_choice("problem", name, _REGISTRY)
-    sig = inspect.signature(_REGISTRY[name])
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return keyword_defaults(_REGISTRY[name])
 
 
 def describe(name: str) -> str:
