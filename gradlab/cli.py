@@ -8,7 +8,12 @@ Verbs:
 - ``gradlab check MODULE:FUNCTION --at POINT``: the same check for a user's own function at a point given
   as JSON (a number, a list, or an object of lists for a dict pytree); ``--reference MODULE:FUNCTION``
   adds the user's closed-form gradient.
-- ``gradlab list``: the catalog problems with their options and defaults.
+- ``gradlab list [kinds|problems|strategies|optimizers]``: what a config can name, with options and
+  defaults.
+- ``gradlab validate CONFIG``: check a TOML experiment config (exit 2 with field-named errors).
+- ``gradlab run CONFIG [--out DIR] [--jobs N] [--force] [--launcher L]``: run its sweep into a report
+  folder (resumable; exit 1 if a run failed).
+- ``gradlab report DIR``: re-render a report folder from its results.
 - ``gradlab pitfalls``: the classic matrix-calculus pitfalls, with the numbers JAX gives.
 
 Bad input (an unknown problem, a malformed point, a module that does not import) exits with status 2 and a
@@ -128,18 +133,117 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from gradlab import problems
-
-    rows = []
-    for name in problems.names():
-        opts = ", ".join(f"{k}={v!r}" for k, v in problems.options(name).items())
-        rows.append((name, opts, problems.describe(name)))
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    print(f"{'problem':<{w0}}  {'options (defaults)':<{w1}}  description")
+def _print_rows(title: str, rows: list[tuple[str, str, str]]) -> None:
+    w0 = max(len(title), *(len(r[0]) for r in rows))
+    w1 = max(len("options (defaults)"), *(len(r[1]) for r in rows))
+    print(f"{title:<{w0}}  {'options (defaults)':<{w1}}  description")
     for name, opts, desc in rows:
-        print(f"{name:<{w0}}  {opts:<{w1}}  {desc}")
+        print(f"{name:<{w0}}  {opts:<{w1}}  {desc}".rstrip())
+
+
+def _opts(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items()) or "-"
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from gradlab import grads, problems
+    from gradlab.lab import kinds
+    from gradlab.lab.kinds import descent as descent_kind
+
+    what = args.what
+    blocks = []
+    if what in ("all", "kinds"):
+        rows = []
+        for name in kinds.names():
+            k = kinds.get(name)
+            fields = {
+                f: (v.default if v.default_factory is None else v.default_factory())
+                for f, v in k.Section.model_fields.items()
+            }
+            shown = {f: v for f, v in fields.items() if not isinstance(v, list | dict)}
+            rows.append((name, _opts(shown), k.SUMMARY))
+        blocks.append(("kind", rows))
+    if what in ("all", "problems"):
+        rows = [
+            (
+                n,
+                _opts({k: v for k, v in problems.options(n).items() if k != "dtype"}),
+                problems.describe(n),
+            )
+            for n in problems.names()
+        ]
+        blocks.append(("problem", rows))
+    if what in ("all", "strategies"):
+        rows = []
+        for n in grads.names():
+            doc = (getattr(grads, n).__doc__ or "").strip().splitlines()
+            rows.append((n, _opts(grads.options(n)), doc[0] if doc else ""))
+        blocks.append(("strategy", rows))
+    if what in ("all", "optimizers"):
+        base = {"learning_rate": descent_kind.Optimizer().learning_rate[0]}
+        rows = [
+            ("sgd", _opts(base), "optax.sgd; learning_rate = 'theory' takes the theory step"),
+            ("momentum", _opts({**base, "momentum": 0.9}), "optax.sgd with heavy-ball momentum"),
+            ("nesterov", _opts({**base, "momentum": 0.9}), "optax.sgd with Nesterov momentum"),
+            ("adam", _opts({"learning_rate": "(required)"}), "optax.adam"),
+            ("lbfgs", "-", "optax.lbfgs with its zoom line search (evaluations counted)"),
+        ]
+        blocks.append(("optimizer", rows))
+    for i, (title, rows) in enumerate(blocks):
+        if i:
+            print()
+        _print_rows(title, rows)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    _enable_x64()
+    from gradlab import lab
+
+    cfg = lab.load(args.config)
+    specs = cfg.specs()
+    print(
+        f"{args.config}: ok — kind {cfg.kind.NAME!r}, name {cfg.name!r}, {len(specs)} runs "
+        f"({cfg.experiment.repeats} repeat(s), seed {cfg.experiment.seed}, {cfg.experiment.dtype})."
+    )
+    if args.show:
+        import json as _json
+
+        print(_json.dumps(cfg.to_json(), indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _enable_x64()
+    from gradlab import lab
+
+    cfg = lab.load(args.config)  # a bad config exits 2 here, before anything is written
+    sweep = lab.run(
+        cfg,
+        out=args.out,
+        jobs=args.jobs,
+        force=args.force,
+        launcher=args.launcher,
+        progress=not args.quiet and sys.stderr.isatty(),
+        argv=["gradlab", *sys.argv[1:]] if sys.argv and sys.argv[0] else None,
+    )
+    print(sweep.summary)
+    print(
+        f"\n{sweep.num_runs} runs: {sweep.num_computed} computed, {sweep.num_reused} reused"
+        + (f", {len(sweep.failed)} FAILED" if sweep.failed else "")
+        + f".\nreport: {sweep.files['html']} (and report.md, results.json, env.json, figures/)"
+    )
+    for f in sweep.failed:
+        print(f"failed run {f['id']}: {f['error']}", file=sys.stderr)
+    return 1 if sweep.failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradlab import lab
+
+    sweep = lab.rerender(args.dir)
+    print(sweep.summary)
+    print(f"\nreport: {sweep.files['html']} (re-rendered from {sweep.num_runs} runs)")
     return 0
 
 
@@ -178,8 +282,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_check)
 
-    ls = sub.add_parser("list", help="list the catalog problems with their options")
+    ls = sub.add_parser(
+        "list", help="list experiment kinds, problems, strategies and optimizers with their options"
+    )
+    ls.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "kinds", "problems", "strategies", "optimizers"],
+    )
     ls.set_defaults(func=_cmd_list)
+
+    v = sub.add_parser("validate", help="check a TOML experiment config without running it")
+    v.add_argument("config", metavar="CONFIG")
+    v.add_argument("--show", action="store_true", help="print the resolved config as JSON")
+    v.set_defaults(func=_cmd_validate)
+
+    r = sub.add_parser(
+        "run",
+        help="run an experiment config into a report folder",
+        description="Run the sweep of CONFIG. Finished runs are reused (content-addressed by spec, "
+        "gradlab source and JAX version); --force recomputes them.",
+    )
+    r.add_argument("config", metavar="CONFIG")
+    r.add_argument("--out", metavar="DIR", help="report folder (default gradlab-runs/<name>)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once (joblib loky processes)")
+    r.add_argument("--force", action="store_true", help="recompute finished runs")
+    r.add_argument(
+        "--launcher",
+        choices=["local", "submitit", "submitit-local"],
+        default="local",
+        help="where runs execute: local processes (joblib), or SLURM via submitit",
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("report", help="re-render a report folder from its results")
+    rp.add_argument("dir", metavar="DIR")
+    rp.set_defaults(func=_cmd_report)
 
     pf = sub.add_parser("pitfalls", help="show the classic pitfalls with the numbers JAX gives")
     pf.set_defaults(func=_cmd_pitfalls)

@@ -1,0 +1,555 @@
+"""The ``descent`` kind: problems × strategies × optimizers × repeats through :func:`gradlab.descent.run`.
+
+Config section::
+
+    [descent]
+    num_steps = 2000            # the most steps per run
+    tol = 1e-6                  # stop at relative gap ≤ tol (problems with a known f*), else ‖∇f‖ ≤ tol
+    problem = [{name = "least_squares", dim = [10, 100]}]          # each entry its own sub-grid
+    optimizer = [{name = "sgd", learning_rate = "theory"}]
+
+    [[descent.strategy]]
+    name = "exact"
+
+    [[descent.strategy]]
+    name = "two_point"
+    num_directions = [1, 8]     # multiplies only the two_point runs
+
+``learning_rate = "theory"`` (sgd only) takes the step the theory gives for the strategy on the instance:
+``1/L`` for exact gradients and finite differences, ``1/(cL)`` for random-direction estimates with
+``E‖G‖² = c‖∇f‖²`` (``c = 1 + (d−1)/k`` for ``k`` iid sphere or Rademacher directions, ``1 + (d+1)/k``
+for Gaussian ones, ``d/k`` for orthonormal frames or distinct coordinates). On a ``μ``-strongly convex
+problem the report then draws the theory rate ``(1 − μ/(cL))^k`` beside the measured relative gap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BeforeValidator, Field, StrictBool
+
+from gradlab.lab.config import (
+    Base,
+    PosInt,
+    PositiveFloat,
+    Sweep,
+)
+from gradlab.lab.kinds._common import (
+    entry_label,
+    expand_entries,
+    make_problem,
+    problem_key,
+    problem_models,
+    stable_hash,
+    thin,
+    validate_entries,
+)
+
+NAME = "descent"
+SUMMARY = "problems × gradient strategies × optax optimizers: loss, evaluations and time per step"
+
+_DISTRIBUTIONS = Literal["sphere", "gaussian", "rademacher", "orthogonal", "coordinate"]
+_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "lbfgs")
+
+
+def _learning_rate(v: Any) -> Any:
+    if v == "theory":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"expected a number > 0 or 'theory', got {v!r}")
+    return float(v)
+
+
+LearningRate = Annotated[Any, BeforeValidator(_learning_rate)]
+Momentum = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class _Strategy(Base):
+    name: str
+    label: str | None = None
+
+
+class Exact(_Strategy):
+    name: Literal["exact"]
+
+
+class ForwardMode(_Strategy):
+    name: Literal["forward_mode"]
+    batch_size: PosInt | None = None
+
+
+class ForwardDifference(_Strategy):
+    name: Literal["forward_difference"]
+    step: Sweep[PositiveFloat] | None = None
+
+
+class CentralDifference(_Strategy):
+    name: Literal["central_difference"]
+    step: Sweep[PositiveFloat] | None = None
+
+
+class TwoPoint(_Strategy):
+    name: Literal["two_point"]
+    num_directions: Sweep[PosInt] = Field(default_factory=lambda: [1])
+    distribution: Sweep[_DISTRIBUTIONS] = Field(default_factory=lambda: ["sphere"])
+    smoothing: Sweep[PositiveFloat] | None = None
+    batch_size: PosInt | None = None
+    lean: StrictBool = False
+
+
+class ForwardGradient(_Strategy):
+    name: Literal["forward_gradient"]
+    num_directions: Sweep[PosInt] = Field(default_factory=lambda: [1])
+    distribution: Sweep[_DISTRIBUTIONS] = Field(default_factory=lambda: ["gaussian"])
+    batch_size: PosInt | None = None
+
+
+STRATEGIES: dict[str, type[Base]] = {
+    "exact": Exact,
+    "forward_mode": ForwardMode,
+    "forward_difference": ForwardDifference,
+    "central_difference": CentralDifference,
+    "two_point": TwoPoint,
+    "forward_gradient": ForwardGradient,
+}
+
+
+def strategy_model(name: str) -> type[Base]:
+    from gradlab._validate import _suggest
+
+    if name not in STRATEGIES:
+        raise KeyError(
+            f"unknown strategy {name!r}; expected one of {', '.join(sorted(STRATEGIES))}."
+            f"{_suggest(name, STRATEGIES)}"
+        )
+    return STRATEGIES[name]
+
+
+class Optimizer(Base):
+    """An optax optimizer: ``sgd``, ``momentum`` (heavy ball), ``nesterov``, ``adam``, ``lbfgs``."""
+
+    name: Literal["sgd", "momentum", "nesterov", "adam", "lbfgs"] = "sgd"
+    learning_rate: Sweep[LearningRate] = Field(default_factory=lambda: ["theory"])
+    momentum: Sweep[Momentum] = Field(default_factory=lambda: [0.9])
+
+
+class Section(Base):
+    """The ``[descent]`` section."""
+
+    problem: list[Any] = Field(default_factory=lambda: [{"name": "least_squares"}], min_length=1)
+    strategy: list[Any] = Field(default_factory=lambda: [{"name": "exact"}], min_length=1)
+    optimizer: list[Optimizer] = Field(default_factory=lambda: [Optimizer()], min_length=1)
+    num_steps: PosInt = 1000
+    tol: PositiveFloat | None = None
+    use_f_star: StrictBool = True
+    record_grad_norm: StrictBool = False
+    points: Annotated[int, Field(ge=2, le=100_000, strict=True)] = 200
+
+
+def _optimizer_points(opt: Mapping[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for lr in opt["learning_rate"]:
+        if opt["name"] in ("momentum", "nesterov"):
+            out += [
+                {"name": opt["name"], "learning_rate": lr, "momentum": m} for m in opt["momentum"]
+            ]
+        elif opt["name"] == "lbfgs":
+            out.append({"name": "lbfgs"})
+        else:
+            out.append({"name": opt["name"], "learning_rate": lr})
+    # lbfgs has one point whatever the learning rates
+    return [dict(t) for t in dict.fromkeys(tuple(sorted(o.items())) for o in out)]
+
+
+def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[str]]:
+    """Validate the problem and strategy entries against their registries; build each problem once."""
+    problems, errors = validate_entries(
+        section.problem, "problem", problem_models, raw, (NAME, "problem")
+    )
+    strategies, more = validate_entries(
+        section.strategy, "strategy", strategy_model, raw, (NAME, "strategy")
+    )
+    errors += more
+    for i, opt in enumerate(section.optimizer):
+        if opt.name == "adam" and "theory" in opt.learning_rate:
+            errors.append(
+                f"{NAME}.optimizer[{i}].learning_rate: 'theory' is defined for sgd, momentum and "
+                f"nesterov; give a number for {opt.name!r} (e.g. learning_rate = 0.01)."
+            )
+    if not errors and experiment is not None:
+        errors += _check_instances(problems, strategies, experiment)
+    section = section.model_copy(update={"problem": problems, "strategy": strategies})
+    return section, errors
+
+
+def _check_instances(
+    problems: Sequence[Mapping], strategies: Sequence[Mapping], experiment
+) -> list[str]:
+    """Build every problem point and strategy point once, so constructor errors show at validation."""
+    import jax
+
+    from gradlab import grads
+    from gradlab._validate import GradlabError
+
+    jax.config.update("jax_enable_x64", True)
+    errors = []
+    built = []
+    for i, entry in enumerate(problems):
+        for spec in expand_entries([entry]):
+            try:
+                built.append((spec, make_problem(spec, jax.random.key(0), experiment.dtype)))
+            except GradlabError as e:
+                errors.append(f"{NAME}.problem[{i}] ({_problem_label(spec)}): {e}")
+                break
+    for i, entry in enumerate(strategies):
+        for spec in expand_entries([entry]):
+            try:
+                strategy = grads.make(spec["name"], **_strategy_options(spec))
+            except GradlabError as e:
+                errors.append(f"{NAME}.strategy[{i}] ({_strategy_label(spec)}): {e}")
+                break
+            for pspec, problem in built:  # trace once (no compile) to catch e.g. k > d
+                try:
+                    jax.eval_shape(
+                        lambda x, k, s=strategy, p=problem: s(p.loss, x, k).grad,
+                        problem.init,
+                        jax.random.key(0),
+                    )
+                except GradlabError as e:
+                    errors.append(
+                        f"{NAME}.strategy[{i}] ({_strategy_label(spec)}) on problem "
+                        f"{_problem_label(pspec)}: {e}"
+                    )
+    return errors
+
+
+def _strategy_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in ("name", "label") and v is not None}
+
+
+def expand(resolved: Any) -> list[dict[str, Any]]:
+    """One run spec per (problem point, strategy point, optimizer point, repeat)."""
+    exp, sec = resolved.experiment, resolved.section
+    specs = []
+    for problem in expand_entries(sec.problem):
+        for strategy in expand_entries(sec.strategy):
+            for opt in sec.optimizer:
+                for optimizer in _optimizer_points(opt.model_dump()):
+                    for r in range(exp.repeats):
+                        specs.append(
+                            {
+                                "kind": NAME,
+                                "seed": exp.seed,
+                                "dtype": exp.dtype,
+                                "repeat": r,
+                                "problem": problem,
+                                "strategy": strategy,
+                                "optimizer": optimizer,
+                                "num_steps": sec.num_steps,
+                                "tol": sec.tol,
+                                "use_f_star": sec.use_f_star,
+                                "record_grad_norm": sec.record_grad_norm,
+                                "points": sec.points,
+                            }
+                        )
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------
+# execution
+
+
+def second_moment(strategy: Mapping[str, Any], d: int) -> float:
+    """``c`` in ``E‖G‖² ≈ c‖∇f‖²`` for the strategy (1 for exact and finite-difference gradients)."""
+    name = strategy["name"]
+    if name not in ("two_point", "forward_gradient"):
+        return 1.0
+    k = int(strategy.get("num_directions") or 1)
+    dist = strategy.get("distribution") or ("sphere" if name == "two_point" else "gaussian")
+    if dist in ("orthogonal", "coordinate"):
+        return d / min(k, d)
+    if dist == "gaussian":
+        return 1.0 + (d + 1) / k
+    return 1.0 + (d - 1) / k
+
+
+def _optimizer(spec: Mapping[str, Any], lr: float | None):
+    import optax
+
+    name = spec["name"]
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=spec["momentum"])
+    if name == "nesterov":
+        return optax.sgd(lr, momentum=spec["momentum"], nesterov=True)
+    if name == "adam":
+        return optax.adam(lr)
+    return optax.lbfgs()
+
+
+def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one descent; returns the summary, the thinned per-step points and the timing."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from gradlab import descent, grads
+
+    pkey = problem_key(spec["seed"], spec["problem"], spec["repeat"])
+    problem = make_problem(spec["problem"], pkey, spec["dtype"])
+    strategy = grads.make(spec["strategy"]["name"], **_strategy_options(spec["strategy"]))
+    skey = jax.random.fold_in(
+        jax.random.fold_in(pkey, stable_hash(spec["strategy"])), stable_hash(spec["optimizer"])
+    )
+    d = int(ravel_pytree(problem.init)[0].size)
+    L, mu = problem.smoothness, problem.strong_convexity
+    c = second_moment(spec["strategy"], d)
+    lr = spec["optimizer"].get("learning_rate")
+    theory_lr = 1.0 / (c * L) if L else None
+    if lr == "theory":
+        if theory_lr is None:
+            raise ValueError(
+                f"learning_rate = 'theory' needs the smoothness constant L, which problem "
+                f"{problem.name!r} does not give; set a number."
+            )
+        lr = theory_lr
+    f_star = problem.min_value if spec["use_f_star"] else None
+    h = descent.run(
+        problem.loss,
+        problem.init,
+        strategy,
+        _optimizer(spec["optimizer"], lr),
+        key=skey,
+        num_steps=spec["num_steps"],
+        tol=spec["tol"],
+        f_star=f_star,
+        record_grad_norm=spec["record_grad_norm"],
+    )
+    n = h.steps_run
+    rate = None
+    theory_steps = None
+    if (
+        spec["optimizer"]["name"] == "sgd"
+        and spec["optimizer"].get("learning_rate") == "theory"
+        and L
+        and mu
+        and f_star is not None
+    ):
+        rate = 1.0 - mu / (c * L)
+        if spec["tol"] is not None and 0 < rate < 1:
+            theory_steps = math.ceil(math.log(spec["tol"]) / math.log(rate))
+    gap = None
+    if f_star is not None:
+        denom = float(h.loss[0]) - f_star
+        gap = (h.loss - f_star) / denom if denom != 0 else None
+    points = []
+    for k in thin(n, spec["points"]).tolist():
+        row = {
+            "step": k,
+            "loss": float(h.loss[k]),
+            "num_fun_evals": int(h.num_fun_evals[k]),
+            "num_grads": int(h.num_grads[k]),
+            "num_jvps": int(h.num_jvps[k]),
+            "time_s": h.run_time * k / n if n else 0.0,
+        }
+        if gap is not None:
+            row["gap"] = float(gap[k])
+        if rate is not None:
+            row["theory_gap"] = float(rate**k)
+        if h.grad_norm is not None:
+            row["grad_norm"] = float(h.grad_norm[k])
+        points.append(row)
+    final = float(h.loss[n])
+    summary = {
+        "d": d,
+        "L": L,
+        "mu": mu,
+        "f_star": f_star,
+        "learning_rate": float(lr) if lr is not None else None,
+        "theory_learning_rate": theory_lr,
+        "second_moment": c,
+        "theory_rate": rate,
+        "theory_steps_to_tol": theory_steps,
+        "criterion": h.criterion,
+        "steps_run": n,
+        "steps_to_tol": h.steps_to_tol,
+        "fun_evals_to_tol": h.fun_evals_to_tol,
+        "num_fun_evals": int(h.num_fun_evals[n]),
+        "num_grads": int(h.num_grads[n]),
+        "num_jvps": int(h.num_jvps[n]),
+        "evals_per_step": float(h.num_fun_evals[n]) / n if n else 0.0,
+        "final_loss": final if math.isfinite(final) else None,
+        "final_gap": float(gap[n]) if gap is not None and np.isfinite(gap[n]) else None,
+        "diverged": h.diverged,
+        "diverged_step": h.diverged_step,
+    }
+    status = "diverged" if h.diverged else "ok"
+    timing = {
+        "compile_time": h.compile_time,
+        "run_time": h.run_time,
+        "time_per_step": h.run_time / n if n else 0.0,
+    }
+    return {"status": status, "summary": summary, "points": points, "timing": timing}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def _strategy_label(s: Mapping[str, Any]) -> str:
+    from gradlab import grads
+
+    return entry_label(s, grads.options(s["name"]))
+
+
+def _problem_label(p: Mapping[str, Any]) -> str:
+    from gradlab import problems
+
+    return entry_label(p, problems.options(p["name"]))
+
+
+def labels(spec: Mapping[str, Any]) -> dict[str, str]:
+    """Display labels of a run's axes."""
+    strategy = _strategy_label(spec["strategy"])
+    problem = _problem_label(spec["problem"])
+    o = spec["optimizer"]
+    if o["name"] == "lbfgs":
+        optimizer = "lbfgs"
+    else:
+        lr = o["learning_rate"]
+        lr_text = "theory" if lr == "theory" else f"{lr:g}"
+        optimizer = f"{o['name']}(lr={lr_text}"
+        optimizer += f", momentum={o['momentum']:g})" if "momentum" in o else ")"
+    return {"problem": problem, "strategy": strategy, "optimizer": optimizer}
+
+
+def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) -> list[Any]:
+    """The descent report: a summary table (medians and ranges over repeats) and three figures per
+    (problem, optimizer): relative gap (or loss) vs steps, vs function evaluations, vs time."""
+    from gradlab.lab import report as R
+
+    blocks: list[Any] = []
+    groups: dict[tuple, list[Mapping]] = {}
+    for run in runs:
+        lab = labels(run["spec"])
+        groups.setdefault((lab["problem"], lab["optimizer"], lab["strategy"]), []).append(run)
+
+    rows = []
+    for (prob, opt, strat), members in groups.items():
+        ok = [m for m in members if m["status"] in ("ok", "diverged")]
+        summ = [m["summary"] for m in ok]
+        tim = [m["timing"] for m in ok]
+        failed = len(members) - len(ok)
+        diverged = sum(1 for m in ok if m["status"] == "diverged")
+        rows.append(
+            [
+                prob,
+                strat,
+                opt,
+                R.median_range([s["learning_rate"] for s in summ], fmt="{:.3g}"),
+                R.median_range([s["steps_to_tol"] for s in summ], fmt="{:.0f}"),
+                R.median_range([s["theory_steps_to_tol"] for s in summ], fmt="{:.0f}"),
+                R.median_range([s["fun_evals_to_tol"] for s in summ], fmt="{:.0f}"),
+                R.median_range([s["evals_per_step"] for s in summ], fmt="{:.3g}"),
+                R.median_range(
+                    [
+                        s["final_gap"] if s["final_gap"] is not None else s["final_loss"]
+                        for s in summ
+                    ],
+                    fmt="{:.2e}",
+                ),
+                R.median_range([t["compile_time"] for t in tim], fmt="{:.2f}"),
+                R.median_range([1e3 * t["time_per_step"] for t in tim], fmt="{:.3g}"),
+                f"{len(members)}"
+                + (f" ({diverged} diverged)" if diverged else "")
+                + (f" ({failed} failed)" if failed else ""),
+            ]
+        )
+    blocks.append(R.Heading("Summary"))
+    tol = resolved_json.get(NAME, {}).get("tol")
+    blocks.append(
+        R.Text(
+            "Medians over repeats, with [min–max] when the repeats differ. "
+            f"Steps and evaluations to tol (tol = {tol}) are measured; 'theory steps' is "
+            "⌈log tol / log(1 − μ/(cL))⌉ for sgd with the theory step (c = 1 for exact gradients, "
+            "the second-moment factor of the estimator otherwise). 'final' is the relative gap "
+            "(f − f*)/(f₀ − f*) when f* is known, else the loss. Evaluations count f calls only; "
+            "gradients and JVPs are in results.json. Times: compile apart from run; ms/step from "
+            "the run time."
+        )
+    )
+    blocks.append(
+        R.Table(
+            [
+                "problem",
+                "strategy",
+                "optimizer",
+                "step size",
+                "steps to tol",
+                "theory steps",
+                "evals to tol",
+                "evals/step",
+                "final",
+                "compile s",
+                "ms/step",
+                "runs",
+            ],
+            rows,
+        )
+    )
+
+    # figures: one set per (problem, optimizer)
+    by_panel: dict[tuple, dict[str, list[Mapping]]] = {}
+    for (prob, opt, strat), members in groups.items():
+        by_panel.setdefault((prob, opt), {})[strat] = members
+    blocks.append(R.Heading("Curves"))
+    for (prob, opt), curves in by_panel.items():
+        has_gap = any(
+            "gap" in (m["points"][0] if m["points"] else {}) for ms in curves.values() for m in ms
+        )
+        ykey = "gap" if has_gap else "loss"
+        ylabel = "relative gap (f − f*)/(f₀ − f*)" if has_gap else "loss f(x)"
+        for xkey, xlabel, slug in (
+            ("step", "step", "steps"),
+            ("num_fun_evals", "function evaluations", "evals"),
+            ("time_s", "run time (s, from the run's total)", "time"),
+        ):
+            series = []
+            for strat, members in curves.items():
+                runs_xy = [
+                    (
+                        [p[xkey] for p in m["points"]],
+                        [p.get(ykey) for p in m["points"]],
+                    )
+                    for m in members
+                    if m["points"]
+                ]
+                theory = None
+                if xkey != "time_s":
+                    th = [m for m in members if m["points"] and "theory_gap" in m["points"][0]]
+                    if th and ykey == "gap":
+                        m = th[0]
+                        theory = (
+                            [p[xkey] for p in m["points"]],
+                            [p["theory_gap"] for p in m["points"]],
+                        )
+                series.append(R.Series(label=strat, runs=runs_xy, theory=theory))
+            if all(not s.runs for s in series):
+                continue
+            if xkey == "num_fun_evals" and all(
+                max((max(x) for x, _ in s.runs), default=0) == 0 for s in series
+            ):
+                continue  # exact gradients only: no function evaluations to plot against
+            fig = R.line_figure(
+                f"{NAME}-{prob}-{opt}-{ykey}_vs_{slug}",
+                title=f"{prob}, {opt}",
+                xlabel=xlabel,
+                ylabel=ylabel,
+                series=series,
+                logy=True,
+            )
+            blocks.append(fig)
+    return blocks

@@ -1,0 +1,407 @@
+"""Reports: the tidy results table, Markdown, self-contained HTML and PNG figures from finished runs.
+
+A kind's ``report`` returns a list of blocks — :class:`Heading`, :class:`Text`, :class:`Table`,
+:class:`Figure` — and this module renders the same blocks twice: to ``report.md`` (figures linked from
+``figures/``) and to ``report.html`` (inline CSS, figures embedded as base64 PNG, every text escaped, no
+external URL: it renders offline). Figure names are made unique before anything is drawn, so two plots
+never overwrite each other. Every file is written atomically (a temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TIMING_FIELDS",
+    "Figure",
+    "Heading",
+    "Series",
+    "Table",
+    "Text",
+    "atomic_write",
+    "join",
+    "line_figure",
+    "median_range",
+    "parameters",
+    "render",
+    "run_rows",
+    "tidy",
+]
+
+# Columns that measure time: they differ between two runs of the same config; everything else must not.
+TIMING_FIELDS = frozenset({"compile_time", "run_time", "time_per_step", "time_s", "seconds"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One labelled curve: the runs' (x, y) lists (repeats) and an optional theory (x, y)."""
+
+    label: str
+    runs: Sequence[tuple[Sequence[float], Sequence[float | None]]]
+    theory: tuple[Sequence[float], Sequence[float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """A figure to draw: ``draw(ax)`` on a matplotlib axis; ``name`` becomes the (unique) file name."""
+
+    name: str
+    caption: str
+    draw: Callable[[Any], None]
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
+    reader (or a process killed mid-write) never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def median_range(values: Sequence[Any], *, fmt: str = "{:.3g}") -> str:
+    """``median [min–max]`` of the non-missing values (just the value if they agree; '—' if none).
+
+    >>> median_range([3, 1, 2]), median_range([5, 5]), median_range([None])
+    ('2 [1–3]', '5', '—')
+    """
+    vals = [
+        float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))
+    ]
+    if not vals:
+        return "—"
+    med = fmt.format(statistics.median(vals))
+    lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+    missing = len(values) - len(vals)
+    extra = f" ({missing} n/a)" if missing else ""
+    return (f"{med} [{lo}–{hi}]" if lo != hi else med) + extra
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``.
+
+    >>> slug("two_point(num_directions=4), sgd(lr=theory)")
+    'two_point-num_directions-4-sgd-lr-theory'
+    """
+    s = re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-.")
+    return s[:120] or "figure"
+
+
+def line_figure(
+    name: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Sequence[Series],
+    logy: bool = False,
+    logx: bool = False,
+) -> Figure:
+    """A line plot: for each series, its first repeat as a thick line and the other repeats as thin
+    ones, plus its theory curve dashed in the same colour."""
+
+    def draw(ax: Any) -> None:
+        import numpy as np
+
+        colors = [f"C{i % 10}" for i in range(len(series))]
+        for s, color in zip(series, colors, strict=True):
+            for i, (x, y) in enumerate(s.runs):
+                yy = np.array([np.nan if v is None else v for v in y], dtype=float)
+                # a diverging run is drawn up to 1e100, beyond which axes stop being readable
+                yy = np.where(np.isfinite(yy) & (np.abs(yy) < 1e100), yy, np.nan)
+                if logy:
+                    yy = np.where(yy > 0, yy, np.nan)
+                ax.plot(
+                    x,
+                    yy,
+                    color=color,
+                    lw=1.4 if i == 0 else 0.6,
+                    alpha=1.0 if i == 0 else 0.5,
+                    label=s.label if i == 0 else None,
+                )
+            if s.theory is not None:
+                tx, ty = s.theory
+                ty = np.asarray(ty, dtype=float)
+                if logy:
+                    ty = np.where(ty > 0, ty, np.nan)
+                ax.plot(tx, ty, color=color, lw=1.0, ls="--")
+        if any(s.theory is not None for s in series):
+            ax.plot([], [], color="0.3", lw=1.0, ls="--", label="theory (dashed, same colour)")
+        if logy:
+            ax.set_yscale("log")
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+    caption = f"{ylabel} vs {xlabel} — {title}"
+    return Figure(name=name, caption=caption, draw=draw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the tidy table
+
+
+def _flat(prefix: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in d.items() if k != "name"}
+
+
+_AXES = ("problem", "strategy", "optimizer")
+
+
+def parameters(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameter columns of a run: id, status, axis names and ``axis.option`` columns, repeat,
+    seed, dtype, display labels."""
+    spec = run["spec"]
+    base: dict[str, Any] = {"run_id": run["id"], "kind": spec["kind"], "status": run["status"]}
+    for k, v in spec.items():
+        if isinstance(v, Mapping) and "name" in v:
+            base[k] = v["name"]
+            base.update(_flat(k, v))
+        elif k in ("seed", "dtype", "repeat"):
+            base[k] = v
+    base.update(run.get("labels") or {})
+    return base
+
+
+def tidy(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The long table of ``results.json``: one row per run and recorded point — the run's
+    :func:`parameters`, its timing, and the point's metrics. A run without points (a failed run)
+    gives one row with its error.
+
+    Run-level summaries (steps to tol, final gap, ...) are in ``runs.json``, one row per run.
+    """
+    rows = []
+    for run in runs:
+        base = parameters(run)
+        base.update(run.get("timing") or {})
+        points = run.get("points") or []
+        if not points:
+            rows.append({**base, "error": run.get("error")})
+        for p in points:
+            rows.append({**base, **p})
+    return rows
+
+
+def run_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``runs.json``: one record per run — id, spec, status, error, labels, summary, timing (no points)."""
+    return [{k: v for k, v in run.items() if k != "points"} for run in runs]
+
+
+def join(run_records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Rebuild full run records (with points) from ``runs.json`` and ``results.json``."""
+    known = set()
+    for r in rows:
+        known.update(r)
+    point_keys: dict[str, list[dict]] = {}
+    for run in run_records:
+        point_keys[run["id"]] = []
+    base_keys = {
+        k for run in run_records for k in (*parameters(run), *(run.get("timing") or {}), "error")
+    }
+    for r in rows:
+        if r["run_id"] in point_keys:
+            p = {k: v for k, v in r.items() if k not in base_keys}
+            if p:
+                point_keys[r["run_id"]].append(p)
+    return [{**run, "points": point_keys[run["id"]]} for run in run_records]
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;white-space:nowrap}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{display:block;margin:.8em 0;max-width:100%}
+figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8em;color:#555}
+code,pre{background:#f6f6f6;padding:.1em .3em;border-radius:3px;font-size:.85em}
+pre{padding:.6em;overflow-x:auto}.fail{color:#a00}
+"""
+
+
+def _md_cell(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _unique_names(blocks: Sequence[Any]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    seen: set[str] = set()
+    for i, b in enumerate(blocks):
+        if isinstance(b, Figure):
+            base = slug(b.name)
+            name, n = base, 2
+            while name in seen:
+                name, n = f"{base}-{n}", n + 1
+            seen.add(name)
+            names[i] = name + ".png"
+    return names
+
+
+def _draw_png(fig_block: Figure, dpi: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=dpi)
+    try:
+        fig_block.draw(ax)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        # no timestamp in the metadata: the same data gives the same bytes
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _env_lines(env: Mapping[str, Any]) -> list[str]:
+    dev = env.get("devices") or {}
+    return [
+        f"gradlab {env.get('gradlab')} · JAX {env.get('jax')} (jaxlib {env.get('jaxlib')}) · "
+        f"Python {env.get('python')}",
+        f"backend {env.get('backend')} · devices {dev.get('count')} × {', '.join(dev.get('kinds', []))} · "
+        f"x64 {env.get('x64')} · matmul precision {env.get('matmul_precision')}",
+        f"git {env.get('git_commit') or 'n/a'} · host {env.get('platform')} · cpus {env.get('cpu_count')}",
+    ]
+
+
+def render(
+    out: str | Path,
+    *,
+    title: str,
+    blocks: Sequence[Any],
+    env: Mapping[str, Any],
+    config: Mapping[str, Any],
+    failures: Sequence[Mapping[str, Any]] = (),
+    dpi: int = 80,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; return their paths."""
+    out = Path(out)
+    figdir = out / "figures"
+    head: list[Any] = [
+        Heading(title, level=1),
+    ]
+    if config.get("description"):
+        head.append(Text(config["description"]))
+    head.append(Text("\n".join(_env_lines(env))))
+    blocks = [*head, *blocks]
+    if failures:
+        blocks.append(Heading("Failed runs"))
+        blocks.append(
+            Table(
+                ["run", "status", "error"],
+                [[f["id"], f["status"], f.get("error") or ""] for f in failures],
+            )
+        )
+    blocks.append(Heading("Config (resolved, with defaults)"))
+    blocks.append(Text("```json\n" + json.dumps(config, indent=2) + "\n```"))
+    names = _unique_names(blocks)
+    pngs: dict[int, bytes] = {i: _draw_png(blocks[i], dpi) for i in names}
+    # remove figures of earlier renders that this one does not draw
+    if figdir.exists():
+        keep = set(names.values())
+        for f in figdir.glob("*.png"):
+            if f.name not in keep:
+                f.unlink()
+    for i, data in pngs.items():
+        atomic_write(figdir / names[i], data)
+
+    md: list[str] = []
+    body: list[str] = []
+    for i, b in enumerate(blocks):
+        if isinstance(b, Heading):
+            md.append(f"{'#' * b.level} {b.text}\n")
+            body.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Text):
+            if b.text.startswith("```"):
+                md.append(b.text + "\n")
+                inner = b.text.split("\n", 1)[1].rsplit("```", 1)[0]
+                body.append(f"<pre>{html.escape(inner)}</pre>")
+            else:
+                md.append(b.text.replace("\n", "  \n") + "\n")
+                body.append(
+                    "<p>" + "<br>".join(html.escape(t) for t in b.text.split("\n")) + "</p>"
+                )
+        elif isinstance(b, Table):
+            md.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
+            md.append("|" + "|".join("---" for _ in b.header) + "|")
+            md.extend("| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows)
+            md.append("")
+            th = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
+            trs = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                for r in b.rows
+            )
+            body.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
+        elif isinstance(b, Figure):
+            name = names[i]
+            md.append(f"![{_md_cell(b.caption)}](figures/{name})\n")
+            data = base64.b64encode(pngs[i]).decode("ascii")
+            body.append(
+                f'<figure><img alt="{html.escape(b.caption, quote=True)}" '
+                f'src="data:image/png;base64,{data}"><figcaption>{html.escape(b.caption)}'
+                "</figcaption></figure>"
+            )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+    atomic_write(out / "report.md", "\n".join(md))
+    atomic_write(out / "report.html", page)
+    return {
+        "markdown": out / "report.md",
+        "html": out / "report.html",
+        "figures": figdir,
+    }

@@ -1,0 +1,484 @@
+"""Sweeps: content-addressed runs, resumable and parallel, and the report folder they feed.
+
+Each run of a sweep has an id: the SHA-256 of its resolved spec, the fingerprint of gradlab's source (every
+``.py`` file of the package, so an edit to a shared helper invalidates the cache too) and the JAX version.
+A run writes ``DIR/runs/<id>/result.json`` atomically when it finishes; a re-run skips the runs whose
+result is there (``ok`` or ``diverged``; failed runs are retried), so a killed sweep resumes where it
+stopped, and ``force=True`` recomputes everything. Runs go through joblib's ``loky`` backend (separate
+processes, never fork), or through submitit to a SLURM cluster.
+
+Then the folder gets ``results.json`` (the tidy table: one row per run and recorded point),
+``config.json`` (the resolved config), ``env.json`` (versions, backend, devices, flags, git commit,
+argv), ``report.md``, ``report.html`` and ``figures/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gradlab._validate import GradlabError, check_choice, check_positive_int
+from gradlab.lab import report as R
+from gradlab.lab.kinds import Resolved
+from gradlab.lab.kinds import get as get_kind
+from gradlab.lab.kinds._common import canonical
+
+__all__ = ["Sweep", "environment", "load_runs", "rerender", "run", "run_id", "source_fingerprint"]
+
+LAUNCHERS = ("local", "submitit", "submitit-local")
+FINISHED = ("ok", "diverged")
+
+
+def source_fingerprint() -> str:
+    """SHA-256 over every ``.py`` file of the installed gradlab package (relative path and bytes)."""
+    import gradlab
+
+    root = Path(gradlab.__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_id(spec: Mapping[str, Any], fingerprint: str, jax_version: str | None = None) -> str:
+    """The content address of a run: 16 hex digits of SHA-256(spec, source fingerprint, JAX version).
+
+    >>> run_id({"kind": "descent"}, "abc", "0.10.2") == run_id({"kind": "descent"}, "abc", "0.10.2")
+    True
+    >>> run_id({"kind": "descent"}, "abc", "0.10.2") == run_id({"kind": "descent"}, "abd", "0.10.2")
+    False
+    """
+    jax_version = jax_version if jax_version is not None else _version("jax")
+    text = canonical({"spec": spec, "gradlab": fingerprint, "jax": jax_version})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    import gradlab
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(gradlab.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(gradlab.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce a report: versions, backend, devices, precision flags,
+    ``XLA_FLAGS``, the git commit and the command line."""
+    import jax
+
+    import gradlab
+
+    devices = jax.devices()
+    return {
+        "gradlab": gradlab.__version__,
+        "gradlab_fingerprint": source_fingerprint(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "optax": _version("optax"),
+        "backend": jax.default_backend(),
+        "devices": {
+            "count": len(devices),
+            "kinds": sorted({d.device_kind for d in devices}),
+            "platform": devices[0].platform if devices else None,
+        },
+        "x64": bool(jax.config.jax_enable_x64),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "argv": list(argv) if argv is not None else list(sys.argv),
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become null, tuples lists, NumPy scalars Python numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, str | bytes):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps(obj: Any, *, compact: bool = False) -> str:
+    """JSON text (strict: no NaN); ``compact`` writes one line per list item for big tables."""
+    obj = _clean(obj)
+    if compact and isinstance(obj, list):
+        items = ",\n".join(json.dumps(o, allow_nan=False, separators=(",", ":")) for o in obj)
+        return "[\n" + items + "\n]\n"
+    return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+
+
+def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -> dict[str, Any]:
+    """Run one spec and write its result atomically; top-level so that loky can pickle it."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    kind = get_kind(kind_name)
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"id": rid, "spec": dict(spec)}
+    try:
+        result = kind.execute(spec)
+        record.update(result)
+        record.setdefault("error", None)
+        if hasattr(kind, "labels"):
+            record["labels"] = {f"{k}_label": v for k, v in kind.labels(spec).items()}
+    except Exception as e:  # a failing run is recorded, the sweep goes on
+        tb = traceback.format_exception(type(e), e, e.__traceback__)
+        record.update(
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            traceback="".join(tb[-6:]),
+            summary={},
+            points=[],
+            timing={},
+        )
+    record["seconds"] = time.perf_counter() - t0
+    record["backend"] = jax.default_backend()
+    record["device"] = jax.devices()[0].device_kind
+    R.atomic_write(path, json.dumps(_clean(record), allow_nan=False, separators=(",", ":")))
+    return {"id": rid, "status": record["status"], "error": record.get("error")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What :func:`run` did: the folder, the runs (total, computed now, reused), failures, the files."""
+
+    out: Path
+    num_runs: int
+    num_computed: int
+    num_reused: int
+    failed: list[dict[str, Any]]
+    files: dict[str, Path]
+    summary: str
+    rendered: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def load_runs(out: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
+    runs = []
+    for rid in ids:
+        p = out / "runs" / rid / "result.json"
+        runs.append(json.loads(p.read_text()))
+    return runs
+
+
+def _finished(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") in FINISHED
+    except (OSError, ValueError):
+        return False
+
+
+def _clear_temp(runs_dir: Path) -> None:
+    if runs_dir.exists():
+        for tmp in runs_dir.glob("*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _progress(total: int, enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _launch(
+    kind_name: str,
+    todo: Sequence[tuple[str, Mapping[str, Any], str]],
+    *,
+    jobs: int,
+    launcher: str,
+    out: Path,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    done: list[dict[str, Any]] = []
+    if not todo:
+        return done
+    with _progress(len(todo), progress) as bar:
+        task = bar.add_task(f"{kind_name} runs", total=len(todo))
+        if launcher.startswith("submitit"):
+            try:
+                import submitit
+            except ImportError:
+                raise GradlabError(
+                    "--launcher submitit: the submitit package is not installed; "
+                    "pip install 'gradlab[slurm]' (or pip install submitit)."
+                ) from None
+            folder = out / "submitit"
+            if launcher == "submitit-local":
+                executor = submitit.LocalExecutor(folder=folder)
+                executor.update_parameters(timeout_min=60)
+            else:
+                executor = submitit.AutoExecutor(folder=folder)
+            jobs_ = executor.map_array(
+                _execute_one,
+                [kind_name] * len(todo),
+                [t[1] for t in todo],
+                [t[0] for t in todo],
+                [t[2] for t in todo],
+            )
+            for job in jobs_:
+                done.append(job.result())
+                bar.advance(task)
+        elif jobs == 1:
+            for rid, spec, path in todo:
+                done.append(_execute_one(kind_name, spec, rid, path))
+                bar.advance(task)
+        else:
+            from joblib import Parallel, delayed
+
+            parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
+            for res in parallel(
+                delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
+            ):
+                done.append(res)
+                bar.advance(task)
+    return done
+
+
+def _plain_table(table: R.Table, max_rows: int = 40) -> str:
+    rows = [[str(c) for c in r] for r in table.rows[:max_rows]]
+    header = [str(h) for h in table.header]
+    widths = [max(len(header[j]), *(len(r[j]) for r in rows)) for j in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if len(table.rows) > max_rows:
+        lines.append(f"... ({len(table.rows) - max_rows} more rows in the report)")
+    return "\n".join(lines)
+
+
+def _render(out: Path, resolved_json: Mapping[str, Any], runs: Sequence[Mapping], env: Mapping):
+    kind = get_kind(resolved_json["kind"])
+    good = [r for r in runs if r["status"] in FINISHED]
+    failures = [r for r in runs if r["status"] not in FINISHED]
+    blocks = kind.report(good, resolved_json) if good else []
+    files = R.render(
+        out,
+        title=f"gradlab report: {resolved_json['name']} ({resolved_json['kind']})",
+        blocks=blocks,
+        env=env,
+        config=resolved_json,
+        failures=failures,
+    )
+    tables = [b for b in blocks if isinstance(b, R.Table)]
+    summary = _plain_table(tables[0]) if tables else "(no finished runs)"
+    return files, summary
+
+
+def run(
+    config: Any,
+    *,
+    out: str | Path | None = None,
+    jobs: int = 1,
+    force: bool = False,
+    launcher: str = "local",
+    progress: bool = False,
+    argv: Sequence[str] | None = None,
+) -> Sweep:
+    """Run the sweep of ``config`` (a path or a :class:`~gradlab.lab.kinds.Resolved`) into ``out``.
+
+    Args:
+      config: a TOML path or an already validated config.
+      out: the report folder (default ``gradlab-runs/<name>``).
+      jobs: runs at once (joblib loky processes); 1 runs in this process.
+      force: recompute finished runs.
+      launcher: ``"local"`` (joblib), ``"submitit"`` (SLURM, or local if no cluster), or
+        ``"submitit-local"`` (submitit's local executor).
+      progress: show a progress bar with ETA on stderr.
+
+    Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config.
+    """
+    from gradlab.lab.config import load
+
+    resolved = config if isinstance(config, Resolved) else load(config)
+    jobs = check_positive_int("jobs", jobs)
+    check_choice("launcher", launcher, LAUNCHERS)
+    specs = resolved.specs()
+    fingerprint = source_fingerprint()
+    jax_version = _version("jax")
+    ids = [run_id(s, fingerprint, jax_version) for s in specs]
+    unique = dict(zip(ids, specs, strict=True))
+    out = Path(out) if out is not None else Path("gradlab-runs") / resolved.name
+    runs_dir = out / "runs"
+    _clear_temp(runs_dir)
+    todo = [
+        (rid, spec, str(runs_dir / rid / "result.json"))
+        for rid, spec in unique.items()
+        if force or not _finished(runs_dir / rid / "result.json")
+    ]
+    kind_name = resolved.kind.NAME
+    resolved_json = resolved.to_json()
+    out.mkdir(parents=True, exist_ok=True)
+    R.atomic_write(out / "config.json", dumps(resolved_json))
+    env_path = out / "env.json"
+    if todo or not env_path.exists():
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        env = environment(argv)
+        R.atomic_write(env_path, dumps(env))
+    else:
+        env = json.loads(env_path.read_text())
+    _launch(kind_name, todo, jobs=jobs, launcher=launcher, out=out, progress=progress)
+    runs = load_runs(out, list(unique))
+    rows = R.tidy(runs)
+    results_text = dumps(rows, compact=True)
+    runs_text = dumps(R.run_rows(runs), compact=True)
+    stamp = hashlib.sha256(
+        (results_text + canonical(resolved_json) + fingerprint).encode()
+    ).hexdigest()
+    stamp_path = out / ".report-stamp"
+    fresh = (
+        not todo
+        and stamp_path.exists()
+        and stamp_path.read_text() == stamp
+        and (out / "report.html").exists()
+        and (out / "report.md").exists()
+    )
+    R.atomic_write(out / "results.json", results_text)
+    R.atomic_write(out / "runs.json", runs_text)
+    if fresh:
+        files = {
+            "markdown": out / "report.md",
+            "html": out / "report.html",
+            "figures": out / "figures",
+        }
+        summary = (out / ".summary.txt").read_text() if (out / ".summary.txt").exists() else ""
+    else:
+        files, summary = _render(out, resolved_json, runs, env)
+        R.atomic_write(out / ".summary.txt", summary)
+        R.atomic_write(stamp_path, stamp)
+    failed = [
+        {"id": r["id"], "status": r["status"], "error": r.get("error")}
+        for r in runs
+        if r["status"] not in FINISHED
+    ]
+    return Sweep(
+        out=out,
+        num_runs=len(unique),
+        num_computed=len(todo),
+        num_reused=len(unique) - len(todo),
+        failed=failed,
+        files={
+            "results": out / "results.json",
+            "runs": out / "runs.json",
+            "env": env_path,
+            **files,
+        },
+        summary=summary,
+        rendered=not fresh,
+    )
+
+
+def rerender(out: str | Path) -> Sweep:
+    """Re-render the report of folder ``out`` from its ``config.json``, ``env.json`` and the run
+    results listed in ``results.json`` (nothing is recomputed)."""
+    out = Path(out)
+    missing = [f for f in ("config.json", "results.json", "runs.json") if not (out / f).exists()]
+    if missing:
+        raise GradlabError(
+            f"{out}: not a gradlab report folder (missing {', '.join(missing)}); "
+            "run `gradlab run CONFIG --out DIR` first."
+        )
+    try:
+        resolved_json = json.loads((out / "config.json").read_text())
+        rows = json.loads((out / "results.json").read_text())
+        runs = R.join(json.loads((out / "runs.json").read_text()), rows)
+    except (OSError, ValueError, KeyError) as e:
+        raise GradlabError(f"{out}: cannot read the results ({e}); re-run the config.") from None
+    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+    files, summary = _render(out, resolved_json, runs, env)
+    R.atomic_write(out / ".summary.txt", summary)
+    failed = [
+        {"id": r["id"], "status": r["status"], "error": r.get("error")}
+        for r in runs
+        if r["status"] not in FINISHED
+    ]
+    return Sweep(
+        out=out,
+        num_runs=len(runs),
+        num_computed=0,
+        num_reused=len(runs),
+        failed=failed,
+        files={
+            "results": out / "results.json",
+            "runs": out / "runs.json",
+            "env": out / "env.json",
+            **files,
+        },
+        summary=summary,
+        rendered=True,
+    )
