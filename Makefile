@@ -5,7 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-slow lint format bench clean venv
+EXPERIMENTS ?= quickstart zo_vs_gd fd_cost gradcheck mds
+
+.PHONY: demo test test-slow lint format bench clean venv experiments
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +18,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gradlab check
+	$(BIN)/gradlab run configs/quickstart.toml --out gradlab-runs/quickstart --jobs 2
+
+# regenerate the committed reference reports experiments/<name>/ from configs/<name>.toml
+experiments: $(STAMP)
+	for c in $(EXPERIMENTS); do \
+	  $(BIN)/gradlab run configs/$$c.toml --out experiments/$$c --jobs 2 --quiet || exit 1; \
+	done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

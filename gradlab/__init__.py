@@ -13,6 +13,9 @@ The package exposes module namespaces, one per concept::
   forward gradients; each returns the estimate with its cost.
 - :mod:`gradlab.descent` — gradient descent with any strategy and any optax optimizer, compiled once.
 - :mod:`gradlab.theory` — step sizes and rate curves to overlay on measurements.
+- :mod:`gradlab.remat` — remat strategies for layer chains (per-layer, √L segments, recursive halving,
+  Revolve-optimal binomial), the planner, and memory/FLOPs measurement that proves the recompute.
+- :mod:`gradlab.lab` — the experiment lab: TOML config → sweep of runs → report folder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ _SUBMODULES = (
     "grads",
     "descent",
     "theory",
+    "remat",
+    "lab",
     "cli",
 )
 

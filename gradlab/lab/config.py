@@ -263,8 +263,9 @@ def parse(data: Any, *, source: str | None = None, default_name: str | None = No
     data = dict(data)
     if default_name is not None and "name" not in data:
         data["name"] = default_name
-    top = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
-    sections = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    fields = Experiment.model_fields
+    top = {k: v for k, v in data.items() if not isinstance(v, Mapping) or k in fields}
+    sections = {k: v for k, v in data.items() if isinstance(v, Mapping) and k not in fields}
     known_sections = kinds.names()
     errors: list[str] = []
     for k in sections:

@@ -137,6 +137,7 @@ def line_figure(
     series: Sequence[Series],
     logy: bool = False,
     logx: bool = False,
+    markers: bool = False,
 ) -> Figure:
     """A line plot: for each series, its first repeat as a thick line and the other repeats as thin
     ones, plus its theory curve dashed in the same colour."""
@@ -159,6 +160,8 @@ def line_figure(
                     lw=1.4 if i == 0 else 0.6,
                     alpha=1.0 if i == 0 else 0.5,
                     label=s.label if i == 0 else None,
+                    marker="o" if markers else None,
+                    ms=3,
                 )
             if s.theory is not None:
                 tx, ty = s.theory
@@ -298,7 +301,9 @@ def _draw_png(fig_block: Figure, dpi: int) -> bytes:
         fig.tight_layout()
         buf = io.BytesIO()
         # no timestamp in the metadata: the same data gives the same bytes
-        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+        fig.savefig(
+            buf, format="png", dpi=dpi, metadata={"Software": None}, pil_kwargs={"optimize": True}
+        )
         return buf.getvalue()
     finally:
         plt.close(fig)
@@ -323,7 +328,7 @@ def render(
     env: Mapping[str, Any],
     config: Mapping[str, Any],
     failures: Sequence[Mapping[str, Any]] = (),
-    dpi: int = 80,
+    dpi: int = 72,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; return their paths."""
     out = Path(out)

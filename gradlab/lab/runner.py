@@ -309,14 +309,24 @@ def _launch(
 
 
 def _plain_table(table: R.Table, max_rows: int = 40) -> str:
+    """The table as aligned text; columns with one value in every row (of ≥ 2 rows) are shown once
+    above it, so the terminal table stays narrow."""
     rows = [[str(c) for c in r] for r in table.rows[:max_rows]]
     header = [str(h) for h in table.header]
+    common = []
+    if len(rows) > 1:
+        keep = [j for j in range(len(header)) if len({r[j] for r in rows}) > 1 or j == 0]
+        common = [f"{header[j]}: {rows[0][j]}" for j in range(len(header)) if j not in keep]
+        header = [header[j] for j in keep]
+        rows = [[r[j] for j in keep] for r in rows]
     widths = [max(len(header[j]), *(len(r[j]) for r in rows)) for j in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if len(table.rows) > max_rows:
         lines.append(f"... ({len(table.rows) - max_rows} more rows in the report)")
+    if common:
+        lines = ["; ".join(common), "", *lines]
     return "\n".join(lines)
 
 

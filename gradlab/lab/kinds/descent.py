@@ -147,6 +147,7 @@ class Section(Base):
     use_f_star: StrictBool = True
     record_grad_norm: StrictBool = False
     points: Annotated[int, Field(ge=2, le=100_000, strict=True)] = 200
+    curves: StrictBool = True
 
 
 def _optimizer_points(opt: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -192,7 +193,6 @@ def _check_instances(
     import jax
 
     from gradlab import grads
-    from gradlab._validate import GradlabError
 
     jax.config.update("jax_enable_x64", True)
     errors = []
@@ -201,14 +201,14 @@ def _check_instances(
         for spec in expand_entries([entry]):
             try:
                 built.append((spec, make_problem(spec, jax.random.key(0), experiment.dtype)))
-            except GradlabError as e:
+            except Exception as e:
                 errors.append(f"{NAME}.problem[{i}] ({_problem_label(spec)}): {e}")
                 break
     for i, entry in enumerate(strategies):
         for spec in expand_entries([entry]):
             try:
                 strategy = grads.make(spec["name"], **_strategy_options(spec))
-            except GradlabError as e:
+            except Exception as e:
                 errors.append(f"{NAME}.strategy[{i}] ({_strategy_label(spec)}): {e}")
                 break
             for pspec, problem in built:  # trace once (no compile) to catch e.g. k > d
@@ -218,7 +218,7 @@ def _check_instances(
                         problem.init,
                         jax.random.key(0),
                     )
-                except GradlabError as e:
+                except Exception as e:
                     errors.append(
                         f"{NAME}.strategy[{i}] ({_strategy_label(spec)}) on problem "
                         f"{_problem_label(pspec)}: {e}"
@@ -501,6 +501,10 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         )
     )
 
+    blocks += _scaling(runs)
+    if not resolved_json.get(NAME, {}).get("curves", True):
+        return blocks
+
     # figures: one set per (problem, optimizer)
     by_panel: dict[tuple, dict[str, list[Mapping]]] = {}
     for (prob, opt, strat), members in groups.items():
@@ -552,4 +556,85 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
                 logy=True,
             )
             blocks.append(fig)
+    return blocks
+
+
+def _scaling(runs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """When a problem size is swept (≥ 3 values of ``d``), cost per step against ``d``: milliseconds
+    and function evaluations per step, per strategy and optimizer (medians over repeats)."""
+    from gradlab.lab import report as R
+
+    ds = sorted({r["summary"]["d"] for r in runs})
+    if len(ds) < 3:
+        return []
+    names = sorted({r["spec"]["problem"]["name"] for r in runs})
+    blocks: list[Any] = [R.Heading("Cost per step as the dimension grows")]
+    for pname in names:
+        sel = [r for r in runs if r["spec"]["problem"]["name"] == pname]
+        curves: dict[str, dict[int, list[Mapping]]] = {}
+        for r in sel:
+            lab = labels(r["spec"])
+            curves.setdefault(f"{lab['strategy']}, {lab['optimizer']}", {}).setdefault(
+                r["summary"]["d"], []
+            ).append(r)
+        rows = []
+        for label, by_d in curves.items():
+            for d in sorted(by_d):
+                members = by_d[d]
+                rows.append(
+                    [
+                        label,
+                        d,
+                        R.median_range(
+                            [m["summary"]["evals_per_step"] for m in members], fmt="{:.4g}"
+                        ),
+                        R.median_range(
+                            [
+                                m["summary"]["num_grads"] / max(m["summary"]["steps_run"], 1)
+                                + m["summary"]["num_jvps"] / max(m["summary"]["steps_run"], 1)
+                                for m in members
+                            ],
+                            fmt="{:.4g}",
+                        ),
+                        R.median_range([1e3 * m["timing"]["time_per_step"] for m in members]),
+                    ]
+                )
+        blocks.append(
+            R.Table(
+                ["strategy, optimizer", "d", "f evals/step", "grads + JVPs/step", "ms/step"], rows
+            )
+        )
+        for ykey, ylabel, slug in (
+            ("time", "run time per step (ms, median over repeats)", "ms_per_step"),
+            ("evals", "function evaluations per step", "evals_per_step"),
+        ):
+            series = []
+            for label, by_d in curves.items():
+                xs = sorted(by_d)
+                if ykey == "time":
+                    ys = [
+                        1e3 * float(np.median([m["timing"]["time_per_step"] for m in by_d[d]]))
+                        for d in xs
+                    ]
+                else:
+                    ys = [
+                        float(np.median([m["summary"]["evals_per_step"] for m in by_d[d]]))
+                        for d in xs
+                    ]
+                if ykey == "evals" and max(ys) == 0:
+                    continue
+                series.append(R.Series(label=label, runs=[(xs, ys)]))
+            if series:
+                blocks.append(
+                    R.line_figure(
+                        f"{NAME}-{pname}-{slug}_vs_d",
+                        title=f"{pname}: cost per step vs dimension",
+                        xlabel="dimension d",
+                        ylabel=ylabel,
+                        series=series,
+                        logx=True,
+                        logy=True,
+                        markers=True,
+                    )
+                )
     return blocks

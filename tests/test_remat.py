@@ -1,0 +1,286 @@
+"""gradlab.remat: gradients equal plain for every strategy, FLOPs prove the recompute, memory follows the
+plan, the planner meets Revolve's bound and matches brute force, bad input gets a clear error."""
+
+import itertools
+import math
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.ad_checkpoint import checkpoint_name
+
+from gradlab import remat
+from gradlab._validate import OptionError, ShapeError, UnknownNameError
+
+
+def tanh_layer(p, x):
+    return jnp.tanh(x @ p["w"] + p["b"][None, :])
+
+
+def named_layer(p, x):
+    return checkpoint_name(tanh_layer(p, x), "out")
+
+
+def chain_problem(L, width=6, batch=3, dtype=jnp.float64, seed=1):
+    rng = np.random.default_rng(seed)
+    params = {
+        "w": jnp.asarray(rng.standard_normal((L, width, width)) / np.sqrt(width), dtype),
+        "b": jnp.asarray(0.1 * rng.standard_normal((L, width)), dtype),
+    }
+    x = jnp.asarray(rng.standard_normal((batch, width)), dtype)
+    return params, x
+
+
+def grad_fn(strategy, layer=tanh_layer, **opts):
+    def loss(params, x):
+        y = remat.scan_layers(layer, params, x, strategy=strategy, **opts)
+        return jnp.sum(jnp.sin(y))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+STRATEGIES = [
+    ("per_layer", {}),
+    ("every_k", {"k": 3}),
+    ("every_k", {"k": 4}),
+    ("sqrt", {}),
+    ("recursive", {}),
+    ("binomial", {}),
+    ("binomial", {"snapshots": 1}),
+    ("binomial", {"snapshots": 2, "model": "revolve"}),
+    ("dots_saveable", {}),
+    ("nothing_saveable", {}),
+    ("everything_saveable", {}),
+    ("save_only_these_names", {"names": ("out",)}),
+]
+
+
+@pytest.mark.parametrize("L", [1, 9])
+@pytest.mark.parametrize(("strategy", "opts"), STRATEGIES, ids=lambda v: str(v))
+def test_gradients_equal_plain(strategy, opts, L):
+    if strategy == "every_k" and opts["k"] > L:
+        pytest.skip("k > L")
+    params, x = chain_problem(L)
+    layer = named_layer if strategy.startswith("save_") else tanh_layer
+    ref = grad_fn("none", layer)(params, x)
+    got = grad_fn(strategy, layer, **opts)(params, x)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_forward_value_and_dict_state():
+    params, x = chain_problem(5)
+    y0 = remat.scan_layers(tanh_layer, params, x)
+    for s in ("sqrt", "binomial", "recursive"):
+        assert jnp.array_equal(remat.scan_layers(tanh_layer, params, x, strategy=s), y0)
+
+    def layer(p, state):  # a dict-valued state and a pytree of parameters
+        return {"h": tanh_layer(p, state["h"]), "n": state["n"] + jnp.sum(p["b"])}
+
+    state = {"h": x, "n": jnp.float64(0.0)}
+
+    def loss(params, strategy):
+        out = remat.scan_layers(layer, params, state, strategy=strategy)
+        return jnp.sum(out["h"] ** 2) + out["n"]
+
+    g0 = jax.grad(loss)(params, "none")
+    g1 = jax.grad(loss)(params, "binomial")
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_compiles_once():
+    params, x = chain_problem(6)
+    traces = []
+
+    def loss(params, x):
+        traces.append(1)
+        return jnp.sum(remat.scan_layers(tanh_layer, params, x, strategy="binomial", snapshots=2))
+
+    g = jax.jit(jax.grad(loss))
+    g(params, x)
+    g(jax.tree.map(lambda a: a + 1.0, params), x + 1.0)
+    assert len(traces) == 1
+
+
+# --- the planner ----------------------------------------------------------------------------------------
+
+
+@cache
+def brute_force(l, s, c, model):
+    """Minimal evaluations by exhaustive recursion (independent of remat._dp's vectorised tables)."""
+    best = math.inf
+    if (l == 1 or model == "chain") and c * (l - 1) <= s:
+        best = l
+    if s >= 1:
+        for m in range(1, l):
+            best = min(best, m + brute_force(l - m, s - 1, c, model) + brute_force(m, s, c, model))
+    return best
+
+
+@pytest.mark.parametrize("model", ["revolve", "chain"])
+@pytest.mark.parametrize("c", [1.0, 3.0])
+def test_plan_matches_brute_force(model, c):
+    for L, s in itertools.product(range(1, 16), range(1, 6)):
+        p = remat.plan(L, snapshots=s, tape_cost=c, model=model)
+        assert p.forward_evals == brute_force(L, s, c, model), (L, s)
+        assert p.peak_activations <= s + c + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("s", "t"), [(1, 1), (1, 4), (2, 2), (2, 3), (3, 2), (3, 3), (4, 2), (5, 1)]
+)
+def test_revolve_bound_is_met_exactly(s, t):
+    """β(s, t) = C(s+t, s) steps reversed with ≤ t repeats each; the total is t·l − C(s+t, t−1)."""
+    L = math.comb(s + t, s)
+    p = remat.plan(L, snapshots=s, model="revolve")
+    assert p.max_evals_per_layer - 1 == t
+    assert p.recomputations == t * L - math.comb(s + t, t - 1) == remat.revolve_advances(L, s)
+    # one more step needs one more repeat somewhere
+    assert remat.plan(L + 1, snapshots=s, model="revolve").max_evals_per_layer - 1 == t + 1
+    for l in range(1, L + 1):
+        assert remat.plan(l, snapshots=s, model="revolve").recomputations == remat.revolve_advances(
+            l, s
+        )
+
+
+def test_hand_computed_revolve_schedules():
+    # memory-poor, s = 1: advance 0→2, tape 2; advance 0→1, tape 1; tape 0 (3 advances, 6 evaluations)
+    p = remat.plan(3, snapshots=1, model="revolve")
+    assert p.schedule == remat.Split(
+        0, 2, 3, remat.Split(0, 1, 2, remat.Tape(0, 1), remat.Tape(1, 2)), remat.Tape(2, 3)
+    )
+    assert (p.forward_evals, p.recomputations) == (6, 3)
+    # s = 2, l = 3 = β(2, 1): every state stored once, taped from its snapshot: 2 advances
+    p = remat.plan(3, snapshots=2, model="revolve")
+    assert p.recomputations == 2 and p.max_evals_per_layer == 2
+    # s = 2, l = 6 = β(2, 2): 2·6 − C(4, 1) = 8 advances
+    assert remat.plan(6, snapshots=2, model="revolve").recomputations == 8
+    # the chain model tapes a run at once when memory allows: plain backprop with enough snapshots
+    p = remat.plan(5, snapshots=4, tape_cost=1.0)
+    assert p.schedule == remat.Tape(0, 5) and p.recomputations == 0
+
+
+def test_plan_other_strategies():
+    p = remat.plan(128, strategy="sqrt", tape_cost=3.0)
+    assert p.schedule[0] in (8, 16) and p.forward_evals == 256
+    assert remat.plan(128, strategy="recursive").flops_ratio == pytest.approx(2.0)
+    assert remat.plan(10, strategy="none", tape_cost=3.0).peak_activations == 30
+    e = remat.plan(10, strategy="every_k", k=3)
+    assert e.forward_evals == 2 * 9 + 1
+
+
+def test_plan_with_budget_picks_cheapest_that_fits():
+    act = 1000.0
+    for units in (4, 8, 20, 60, 400):
+        p = remat.plan(32, memory_budget=units * act, activation_bytes=act, tape_cost=3.0)
+        assert p.peak_bytes <= units * act
+        others = [remat.plan(32, strategy=n, tape_cost=3.0) for n in ("none", "sqrt", "recursive")]
+        others += [remat.plan(32, strategy="every_k", k=k, tape_cost=3.0) for k in range(1, 33)]
+        fits = [o.forward_evals for o in others if o.peak_activations <= units]
+        assert p.forward_evals <= min(fits, default=math.inf)
+    assert remat.plan(32, memory_budget=1e9, activation_bytes=act).strategy == "none"
+
+
+def test_tape_cost():
+    params, x = chain_problem(3)
+    assert remat.tape_cost(tanh_layer, params, x) == 3.0
+    assert remat.tape_cost(tanh_layer, params, x, policy="dots_saveable") == 1.0
+
+
+# --- measurement: FLOPs prove the recompute, memory follows the plan ------------------------------------
+
+
+def test_hlo_flops_matches_cost_analysis_without_loops():
+    a = jnp.ones((16, 8))
+    b = jnp.ones((8, 4))
+    f = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b) * 2.0 + 1.0))
+    c = f.lower(a, b).compile()
+    counted = remat.hlo_flops(c.as_text())
+    assert counted["dot_flops"] == 2 * 16 * 8 * 4
+    assert counted["flops"] == pytest.approx(c.cost_analysis()["flops"], rel=0.15)
+
+
+def test_measure_proves_recompute_and_memory_follows_plan():
+    """Activation-heavy chain (f32, width 32, batch 256): FLOPs ÷ plain equal the plan's ratio (recompute
+    happened), and memory − overhead equals peak_activations × activation bytes within 25%."""
+    L, W, B = 16, 32, 256
+    params, x = chain_problem(L, width=W, batch=B, dtype=jnp.float32)
+    act = B * W * 4
+    c = remat.tape_cost(tanh_layer, params, x)
+    layer_dot = 2 * B * W * W
+
+    def g(strategy, **o):
+        return jax.grad(
+            lambda p, x: jnp.sum(remat.scan_layers(tanh_layer, p, x, strategy=strategy, **o))
+        )
+
+    base = remat.measure(g("none"), params, x, run=False)
+    assert base.dot_flops == 3 * L * layer_dot  # forward + two backward dots per layer
+    assert base.xla_flops < base.flops  # XLA counts the scan body once
+    overhead = base.memory_bytes - c * L * act
+    rows = []
+    for strategy, opts in [
+        ("per_layer", {}),
+        ("sqrt", {}),
+        ("recursive", {}),
+        ("binomial", {}),
+        ("binomial", {"snapshots": 4}),
+    ]:
+        m = remat.measure(g(strategy, **opts), params, x, run=False)
+        p = remat.plan(L, strategy=strategy, tape_cost=c, **opts)
+        assert m.unknown_trip_counts == 0
+        flops_ratio = m.dot_flops / base.dot_flops
+        assert flops_ratio > 1.05, (strategy, "no recompute")
+        assert flops_ratio == pytest.approx(p.flops_ratio, rel=0.05), strategy
+        predicted = overhead + p.peak_activations * act
+        assert m.memory_bytes == pytest.approx(predicted, rel=0.25), strategy
+        rows.append((predicted, m.memory_bytes))
+    # same ordering as predicted, wherever the predictions differ by more than the 25% tolerance
+    for (pa, ma), (pb, mb) in itertools.combinations(rows, 2):
+        if max(pa, pb) > 1.25 * min(pa, pb):
+            assert (pa < pb) == (ma < mb)
+
+
+def test_measure_fields():
+    f = jax.grad(lambda w: jnp.sum(jnp.tanh(w) ** 2))
+    m = remat.measure(f, jnp.ones(8), repeats=2, primal=lambda w: jnp.sum(jnp.tanh(w) ** 2))
+    assert m.run_s is not None and m.compile_s > 0 and m.memory_bytes >= m.output_bytes
+    assert any("tanh" in r for r in m.saved_residuals)
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument_and_range():
+    params, x = chain_problem(4)
+    with pytest.raises(OptionError, match=r"num_layers: expected an integer ≥ 1"):
+        remat.plan(0)
+    with pytest.raises(OptionError, match=r"snapshots: expected an integer ≥ 1"):
+        remat.plan(8, snapshots=0)
+    with pytest.raises(OptionError, match=r"snapshots: expected an integer ≥ 1"):
+        remat.scan_layers(tanh_layer, params, x, strategy="binomial", snapshots=0)
+    with pytest.raises(
+        UnknownNameError, match=r"strategy: unknown name 'dots_savable'.*dots_saveable"
+    ):
+        remat.scan_layers(tanh_layer, params, x, strategy="dots_savable")
+    with pytest.raises(UnknownNameError, match=r"policy: unknown name"):
+        remat.policy("nothing")
+    with pytest.raises(OptionError, match=r"memory_budget: .* less than one layer's tape"):
+        remat.plan(8, memory_budget=100.0, activation_bytes=1000.0)
+    with pytest.raises(OptionError, match=r"activation_bytes"):
+        remat.plan(8, memory_budget=100.0)
+    with pytest.raises(OptionError, match=r"k: expected 1 ≤ k ≤ L = 4"):
+        remat.scan_layers(tanh_layer, params, x, strategy="every_k", k=5)
+    with pytest.raises(OptionError, match=r"k: strategy='every_k' needs k="):
+        remat.scan_layers(tanh_layer, params, x, strategy="every_k")
+    with pytest.raises(OptionError, match=r"unknown option 'snapshot'"):
+        remat.scan_layers(tanh_layer, params, x, strategy="binomial", snapshot=2)
+    with pytest.raises(
+        OptionError, match=r"names: the policy 'save_only_these_names' needs names="
+    ):
+        remat.scan_layers(tanh_layer, params, x, strategy="save_only_these_names")
+    with pytest.raises(ShapeError, match=r"params: every leaf must be stacked"):
+        remat.scan_layers(tanh_layer, {"w": params["w"], "b": params["b"][:2]}, x)
