@@ -453,7 +453,7 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
                 R.median_range([s["steps_to_tol"] for s in summ], fmt="{:.0f}"),
                 R.median_range([s["theory_steps_to_tol"] for s in summ], fmt="{:.0f}"),
                 R.median_range([s["fun_evals_to_tol"] for s in summ], fmt="{:.0f}"),
-                R.median_range([s["evals_per_step"] for s in summ], fmt="{:.3g}"),
+                R.median_range([s["evals_per_step"] for s in summ], fmt="{:.5g}"),
                 R.median_range(
                     [
                         s["final_gap"] if s["final_gap"] is not None else s["final_loss"]
