@@ -15,6 +15,11 @@ The package exposes module namespaces, one per concept::
 - :mod:`gradlab.theory` — step sizes and rate curves to overlay on measurements.
 - :mod:`gradlab.remat` — remat strategies for layer chains (per-layer, √L segments, recursive halving,
   Revolve-optimal binomial), the planner, and memory/FLOPs measurement that proves the recompute.
+- :mod:`gradlab.admodes` — forward vs reverse mode: costs (time, HLO FLOPs) of jvp/vjp/grad/jacfwd/jacrev,
+  the Jacobian crossover of f(x) = Ax, the cheap-gradient ratio, ``jacobian(f, x, mode="auto")``.
+- :mod:`gradlab.curvature` — Hessian-vector products (three AD modes, a linearize-once operator), the dense
+  Hessian; Hessian trace (Hutchinson, Hutch++, XTrace, XNysTrace, auto) with error bars, diagonal,
+  Lanczos eigenvalues and the SLQ spectral density, chunked and sharded over devices.
 - :mod:`gradlab.lab` — the experiment lab: TOML config → sweep of runs → report folder.
 """
 
@@ -34,6 +39,8 @@ _SUBMODULES = (
     "descent",
     "theory",
     "remat",
+    "admodes",
+    "curvature",
     "lab",
     "cli",
 )

@@ -177,7 +177,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         rows = []
         for n in grads.names():
             doc = (getattr(grads, n).__doc__ or "").strip().splitlines()
-            rows.append((n, _opts(grads.options(n)), doc[0] if doc else ""))
+            rows.append((n, _opts(grads.options(n)), doc[0].replace("``", "") if doc else ""))
         blocks.append(("strategy", rows))
     if what in ("all", "optimizers"):
         base = {"learning_rate": descent_kind.Optimizer().learning_rate[0]}

@@ -316,7 +316,12 @@ def _env_lines(env: Mapping[str, Any]) -> list[str]:
         f"Python {env.get('python')}",
         f"backend {env.get('backend')} · devices {dev.get('count')} × {', '.join(dev.get('kinds', []))} · "
         f"x64 {env.get('x64')} · matmul precision {env.get('matmul_precision')}",
-        f"git {env.get('git_commit') or 'n/a'} · host {env.get('platform')} · cpus {env.get('cpu_count')}",
+        f"git {env.get('git_commit') or 'n/a'} · host {env.get('platform')} · cpus {env.get('cpu_count')}"
+        + (
+            f" · load average {env['load_average'][0]:.1f} at start"
+            if env.get("load_average")
+            else ""
+        ),
     ]
 
 

@@ -131,6 +131,7 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "argv": list(argv) if argv is not None else list(sys.argv),
     }
 

@@ -437,6 +437,13 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         lab = labels(run["spec"])
         groups.setdefault((lab["problem"], lab["optimizer"], lab["strategy"]), []).append(run)
 
+    exact_steps: dict[tuple, float] = {}
+    for (prob, opt, strat), members in groups.items():
+        steps = [m["summary"].get("steps_to_tol") for m in members if m["status"] == "ok"]
+        steps = [v for v in steps if v is not None]
+        if strat == "exact" and steps:
+            exact_steps[(prob, opt)] = float(np.median(steps))
+
     rows = []
     for (prob, opt, strat), members in groups.items():
         ok = [m for m in members if m["status"] in ("ok", "diverged")]
@@ -452,6 +459,7 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
                 R.median_range([s["learning_rate"] for s in summ], fmt="{:.3g}"),
                 R.median_range([s["steps_to_tol"] for s in summ], fmt="{:.0f}"),
                 R.median_range([s["theory_steps_to_tol"] for s in summ], fmt="{:.0f}"),
+                _ratio([s["steps_to_tol"] for s in summ], exact_steps.get((prob, opt))),
                 R.median_range([s["fun_evals_to_tol"] for s in summ], fmt="{:.0f}"),
                 R.median_range([s["evals_per_step"] for s in summ], fmt="{:.5g}"),
                 R.median_range(
@@ -475,7 +483,8 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
             "Medians over repeats, with [min–max] when the repeats differ. "
             f"Steps and evaluations to tol (tol = {tol}) are measured; 'theory steps' is "
             "⌈log tol / log(1 − μ/(cL))⌉ for sgd with the theory step (c = 1 for exact gradients, "
-            "the second-moment factor of the estimator otherwise). 'final' is the relative gap "
+            "the second-moment factor of the estimator otherwise); 'steps ÷ exact' divides the "
+            "median steps by those of exact gradients on the same problem. 'final' is the relative gap "
             "(f − f*)/(f₀ − f*) when f* is known, else the loss. Evaluations count f calls only; "
             "gradients and JVPs are in results.json. Times: compile apart from run; ms/step from "
             "the run time."
@@ -490,6 +499,7 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
                 "step size",
                 "steps to tol",
                 "theory steps",
+                "steps ÷ exact",
                 "evals to tol",
                 "evals/step",
                 "final",
@@ -557,6 +567,13 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
             )
             blocks.append(fig)
     return blocks
+
+
+def _ratio(values: Sequence[Any], base: float | None) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals or not base:
+        return "—"
+    return f"{float(np.median(vals)) / base:.3g}"
 
 
 def _scaling(runs: Sequence[Mapping[str, Any]]) -> list[Any]:

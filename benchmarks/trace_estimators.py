@@ -1,0 +1,166 @@
+"""Trace estimators side by side: gradlab.curvature.trace vs matfree 0.6.3 on 1000×1000 SPD spectra.
+
+Matrices ``A = U diag(λ) Uᵀ`` (``U`` a Haar-random orthogonal matrix, fixed seed) with spectra ``λ_k ∝ 1/k²``,
+``∝ 1/k``, flat uniform in ``[1, 2]``, and low rank plus noise (10 eigenvalues 1, the rest 1e-2). For every
+budget ``m`` (10/30/100/300 matvecs) and estimator, ``--seeds`` independent estimates (20) run inside one
+jitted ``lax.map`` over keys (never a vmap over seeds: batched LAPACK deadlocked in jaxlib 0.10.2 on CPU),
+compiled first (compile time reported apart), then timed once (``block_until_ready``). Same matrices, same
+budgets for both libraries; ``A`` is an argument of the compiled function.
+
+Per (spectrum, budget, estimator) one JSON line: median relative error over seeds, seconds per estimate,
+95% coverage of ``±1.96·std_error``. Then one summary line per (spectrum, budget): gradlab's best vs
+matfree's best median error (goal ≤ 1.1×) and its time ratio (goal ≤ 0.5×), and ``auto`` ÷ best gradlab
+fixed method (goal ≤ 1.5×). Run with ``OPENBLAS_NUM_THREADS=1`` (threaded LAPACK under contention slowed the
+X-methods 5–10×). ``--quick``: 5 seeds, budgets 10/30/100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import _common  # noqa: F401  (x64 on)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import emit, environment, sig
+
+from gradlab import curvature
+
+
+def spectra(n: int) -> dict[str, np.ndarray]:
+    k = np.arange(1, n + 1)
+    return {
+        "inv_k2": 1.0 / k**2,
+        "inv_k": 1.0 / k,
+        "flat": np.sort(np.random.default_rng(0).uniform(1.0, 2.0, n))[::-1],
+        "lowrank_noise": np.concatenate([np.ones(10), 1e-2 * np.ones(n - 10)]),
+    }
+
+
+def gradlab_estimators(n: int, m: int) -> dict:
+    out = {}
+    for method in curvature.TRACE_METHODS:
+
+        def est(A, key, method=method):
+            e = curvature.trace(
+                lambda v: A @ v, key, like=jnp.zeros(n, A.dtype), num_matvecs=m, method=method
+            )
+            return e.value, e.std_error
+
+        out[f"gradlab:{method}"] = est
+    return out
+
+
+def matfree_estimators(n: int, m: int) -> dict:
+    from matfree import stochtrace as st
+
+    like = jnp.zeros(n)
+    out = {}
+    hutch = st.estimator_monte_carlo_mean_and_sem(
+        st.monte_carlo_trace(), st.sampler_signs(like, num=m)
+    )
+    xtrace = st.estimator_leave_one_out_mean_and_sem(
+        st.leave_one_out_xtrace(), st.sampler_sphere(like, num=m // 2)
+    )
+    xnys = st.estimator_leave_one_out_mean_and_sem(
+        st.leave_one_out_xnystrace(), st.sampler_sphere(like, num=m)
+    )
+    for name, fn in [("hutchinson", hutch), ("xtrace", xtrace), ("xnystrace", xnys)]:
+
+        def est(A, key, fn=fn):
+            return fn(lambda v: A @ v, key)
+
+        out[f"matfree:{name}"] = est
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 seeds, budgets 10/30/100")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--spectra", default="inv_k2,inv_k,flat,lowrank_noise")
+    args = parser.parse_args(argv)
+    seeds = args.seeds or (5 if args.quick else 20)
+    budgets = (10, 30, 100) if args.quick else (10, 30, 100, 300)
+    n = args.n
+    emit(environment(openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS")))
+    U = np.linalg.qr(np.random.default_rng(1).standard_normal((n, n)))[0]
+    keys = jax.random.split(jax.random.key(0), seeds)
+    all_spectra = spectra(n)
+    summaries = []
+    for name in args.spectra.split(","):
+        lam = all_spectra[name]
+        A = jnp.asarray((U * lam) @ U.T)
+        tr = float(lam.sum())
+        for m in budgets:
+            rows = {}
+            ests = {**gradlab_estimators(n, m), **matfree_estimators(n, m)}
+            for label, est in ests.items():
+                run = jax.jit(lambda A, ks, est=est: jax.lax.map(lambda key_: est(A, key_), ks))
+                t0 = time.perf_counter()
+                compiled = run.lower(A, keys).compile()
+                compile_s = time.perf_counter() - t0
+                jax.block_until_ready(compiled(A, keys))  # warm-up
+                t0 = time.perf_counter()
+                v, s = jax.block_until_ready(compiled(A, keys))
+                per = (time.perf_counter() - t0) / seeds
+                v, s = np.asarray(v), np.asarray(s)
+                rel = np.abs(v - tr) / tr
+                rows[label] = {"median_rel_error": float(np.median(rel)), "s_per_estimate": per}
+                emit(
+                    {
+                        "bench": "trace_estimators",
+                        "spectrum": name,
+                        "budget": m,
+                        "estimator": label,
+                        "median_rel_error": sig(float(np.median(rel)), 3),
+                        "coverage_95": sig(float(np.mean(np.abs(v - tr) <= 1.96 * s)), 3),
+                        "s_per_estimate": sig(per, 3),
+                        "compile_s": sig(compile_s, 3),
+                    }
+                )
+            g = {k: r for k, r in rows.items() if k.startswith("gradlab:")}
+            mf = {k: r for k, r in rows.items() if k.startswith("matfree:")}
+            gbest = min(g, key=lambda k: g[k]["median_rel_error"])
+            mbest = min(mf, key=lambda k: mf[k]["median_rel_error"])
+            fixed = {k: r for k, r in g.items() if k != "gradlab:auto"}
+            fbest = min(fixed, key=lambda k: fixed[k]["median_rel_error"])
+            err_ratio = g[gbest]["median_rel_error"] / mf[mbest]["median_rel_error"]
+            time_ratio = g[gbest]["s_per_estimate"] / mf[mbest]["s_per_estimate"]
+            auto_ratio = g["gradlab:auto"]["median_rel_error"] / fixed[fbest]["median_rel_error"]
+            line = {
+                "bench": "trace_estimators.summary",
+                "spectrum": name,
+                "budget": m,
+                "gradlab_best": gbest,
+                "matfree_best": mbest,
+                "error_ratio": sig(err_ratio, 3),
+                "time_ratio": sig(time_ratio, 3),
+                "auto_vs_best_fixed": sig(auto_ratio, 3),
+                "goals_met": {
+                    "error_ratio<=1.1": err_ratio <= 1.1,
+                    "time_ratio<=0.5": time_ratio <= 0.5,
+                    "auto<=1.5": auto_ratio <= 1.5,
+                },
+            }
+            summaries.append(line)
+            emit(line)
+    emit(
+        {
+            "bench": "trace_estimators.goals",
+            "all_error_ratio_met": all(s["goals_met"]["error_ratio<=1.1"] for s in summaries),
+            "all_time_ratio_met": all(s["goals_met"]["time_ratio<=0.5"] for s in summaries),
+            "all_auto_met": all(s["goals_met"]["auto<=1.5"] for s in summaries),
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

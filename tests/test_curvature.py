@@ -1,0 +1,368 @@
+"""gradlab.curvature: HVPs against the dense Hessian, trace/diagonal/spectrum estimators against oracles and
+theory (float64, fixed seeds). Coverage of the error bars over 200 seeds is `slow`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradlab import curvature as cv
+from gradlab import problems
+from gradlab._validate import GradlabError, OptionError, ShapeError, UnknownNameError
+
+
+def _spd(n, lam, seed=1):
+    U = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))[0]
+    return jnp.asarray((U * lam) @ U.T)
+
+
+def _spectra(n):
+    k = np.arange(1, n + 1)
+    return {
+        "inv_k2": 1.0 / k**2,
+        "inv_k": 1.0 / k,
+        "flat": np.sort(np.random.default_rng(0).uniform(1.0, 2.0, n))[::-1],
+        "lowrank_noise": np.concatenate([np.ones(10), 1e-2 * np.ones(n - 10)]),
+    }
+
+
+def _dict_loss():
+    def f(p):
+        h = jnp.tanh(p["W"] @ p["x"] + p["b"])
+        return jnp.sum(h**2) + jnp.sum(p["x"] ** 4) / 4 + p["b"][0] * p["W"][1, 2]
+
+    x = {
+        "W": jax.random.normal(jax.random.key(0), (3, 4)),
+        "b": jnp.array([0.1, -0.2, 0.3]),
+        "x": jnp.array([1.0, -0.5, 0.2, 2.0]),
+    }
+    return f, x
+
+
+# ------------------------------------------------------------------------------------------------
+# HVPs
+
+
+@pytest.mark.parametrize("mode", cv.HVP_MODES)
+def test_hvp_modes_match_dense_hessian(mode, key):
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    H = jax.hessian(lambda z: f(unravel(z)))(flat)
+    v = unravel(jax.random.normal(key, flat.shape))
+    want = H @ jax.flatten_util.ravel_pytree(v)[0]
+    got = jax.flatten_util.ravel_pytree(cv.hvp(f, x, v, mode=mode))[0]
+    assert jnp.max(jnp.abs(got - want)) <= 1e-10 * max(1.0, float(jnp.max(jnp.abs(want))))
+    op = jax.flatten_util.ravel_pytree(cv.hvp_operator(f, x)(v))[0]
+    assert jnp.max(jnp.abs(op - want)) <= 1e-10 * max(1.0, float(jnp.max(jnp.abs(want))))
+
+
+def test_hessian_dense_is_jax_hessian_and_problem_hvp():
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    H = cv.hessian(f, x, batch_size=5)
+    np.testing.assert_allclose(H, jax.hessian(lambda z: f(unravel(z)))(flat), atol=1e-12)
+    p = problems.make("mlp", jax.random.key(0), in_dim=2, hidden=4, out_dim=1)
+    v = jax.tree.map(jnp.ones_like, p.init)
+    np.testing.assert_allclose(
+        jax.flatten_util.ravel_pytree(cv.hvp(p.loss, p.init, v))[0],
+        jax.flatten_util.ravel_pytree(p.hvp(p.init, v))[0],
+        atol=1e-10,
+    )
+
+
+def test_hvp_errors():
+    with pytest.raises(UnknownNameError, match="mode"):
+        cv.hvp(jnp.sum, jnp.ones(2), jnp.ones(2), mode="fwd_fwd")
+    with pytest.raises(GradlabError, match="scalar"):
+        cv.hvp(lambda x: x, jnp.ones(2), jnp.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Trace
+
+
+N = 200
+
+
+@pytest.fixture(scope="module")
+def mats():
+    return {name: (_spd(N, lam), float(lam.sum())) for name, lam in _spectra(N).items()}
+
+
+def _run_seeds(A, method, m, seeds, **kw):
+    """value, std_error over seeds by lax.map (no batched LAPACK across seeds)."""
+    n = A.shape[0]
+
+    def one(key):
+        e = cv.trace(lambda v: A @ v, key, like=jnp.zeros(n), num_matvecs=m, method=method, **kw)
+        return e.value, e.std_error
+
+    keys = jax.random.split(jax.random.key(123), seeds)
+    v, s = jax.jit(lambda ks: jax.lax.map(one, ks))(keys)
+    return np.asarray(v), np.asarray(s)
+
+
+@pytest.mark.parametrize("method", cv.TRACE_METHODS)
+def test_trace_exact_with_n_matvecs_and_dict_like(method):
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    want = jnp.trace(jax.hessian(lambda z: f(unravel(z)))(flat))
+    n = flat.size
+    est = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=n, method=method)
+    assert abs(est.value - want) < 1e-10 and est.std_error == 0 and est.num_matvecs == n
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "xnystrace", "auto"])
+def test_trace_unbiased(mats, method):
+    A, tr = mats["inv_k"]
+    v, _ = _run_seeds(A, method, 20, 100)
+    assert abs(v.mean() - tr) < 4 * v.std() / np.sqrt(len(v))
+
+
+@pytest.mark.parametrize("sampler", cv.SAMPLERS)
+def test_hutchinson_samplers_dict_pytree(sampler):
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    want = float(jnp.trace(jax.hessian(lambda z: f(unravel(z)))(flat)))
+    est = cv.hessian_trace(f, x, jax.random.key(3), num_matvecs=15, sampler=sampler)
+    assert abs(float(est.value) - want) < 5 * float(est.std_error)
+
+
+def test_hutchinson_variance_matches_theory():
+    n, m = 30, 5
+    A = _spd(n, np.linspace(-1.0, 3.0, n), seed=4)
+    theory = 2 * (jnp.sum(A * A) - jnp.sum(jnp.diag(A) ** 2)) / m
+    v, _ = _run_seeds(A, "hutchinson", m, 2000)
+    ratio = v.var(ddof=1) / theory
+    assert abs(ratio - 1) < 4 * np.sqrt(2 / 1999) * 1.5  # sampling error of a variance (+ kurtosis)
+
+
+@pytest.mark.slow
+def test_variance_reduced_error_falls_like_one_over_m():
+    A, tr = _spd(N, 1.0 / np.arange(1, N + 1) ** 2), float(np.sum(1.0 / np.arange(1, N + 1) ** 2))
+    for method in ("hutch++", "xtrace", "xnystrace"):
+        err = [np.median(np.abs(_run_seeds(A, method, m, 20)[0] - tr)) for m in (12, 48)]
+        assert err[1] < err[0] / 4 * 1.5, (method, err)  # 4× the matvecs: ≥ ~4× smaller
+
+
+def test_rtol_stopping_rule(mats):
+    A, tr = mats["flat"]
+    like = jnp.zeros(N)
+    loose = cv.trace(lambda v: A @ v, jax.random.key(0), like=like, num_matvecs=300, rtol=1e-2)
+    assert int(loose.num_matvecs) < 300 and loose.std_error < 1e-2 * abs(loose.value)
+    tight = cv.trace(lambda v: A @ v, jax.random.key(0), like=like, num_matvecs=60, rtol=1e-9)
+    assert int(tight.num_matvecs) == 60
+    pp = cv.trace(
+        lambda v: A @ v, jax.random.key(0), like=like, num_matvecs=150, method="hutch++", rtol=1e-2
+    )
+    assert int(pp.num_matvecs) < 150 and abs(pp.value - tr) < 5 * pp.std_error
+
+
+def test_batch_size_and_jit_compile_once(mats):
+    A, _ = mats["inv_k"]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def est(A, key):
+        return cv.trace(lambda v: A @ v, key, like=jnp.zeros(N), num_matvecs=30, method="hutch++")
+
+    a = est(A, jax.random.key(0))
+    est(2 * A, jax.random.key(1))
+    b = cv.trace(
+        lambda v: A @ v,
+        jax.random.key(0),
+        like=jnp.zeros(N),
+        num_matvecs=30,
+        method="hutch++",
+        batch_size=7,
+    )
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
+
+
+def test_auto_picks_hutchinson_on_flat_and_sketch_on_decaying(mats):
+    like = jnp.zeros(N)
+    for name, want in [("flat", 0), ("inv_k2", 1)]:
+        A, _ = mats[name]
+        mv, n, _ = cv._flat_operator(lambda v, A=A: A @ v, like)
+        samp = cv._probe_sampler("sphere", like, 1)
+        run = jax.jit(
+            lambda k, mv=mv, s=samp, n=n: cv._auto(mv, k, s, 40, batch_size=None, mesh=None, n=n)[1]
+        )
+        branch = run(jax.random.key(0))
+        assert int(branch) == want, name
+
+
+def test_trace_errors(mats):
+    A, _ = mats["inv_k"]
+    like = jnp.zeros(N)
+    mv = lambda v: A @ v  # noqa: E731
+    with pytest.raises(UnknownNameError, match="method"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, method="xtrce")
+    with pytest.raises(UnknownNameError, match="sampler"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, sampler="normal")
+    with pytest.raises(OptionError, match="num_matvecs"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=3, method="hutch++")
+    with pytest.raises(OptionError, match="sampler"):
+        cv.trace(
+            mv, jax.random.key(0), like=like, num_matvecs=10, method="xtrace", sampler="rademacher"
+        )
+    with pytest.raises(OptionError, match="rtol"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, method="xtrace", rtol=0.1)
+    with pytest.raises(ShapeError, match="square"):
+        cv.trace(lambda v: v[:5], jax.random.key(0), like=like, num_matvecs=10)
+    B = jax.random.normal(jax.random.key(1), (N, N))
+    with pytest.raises(GradlabError, match="symmetric"):
+        cv.trace(lambda v: B @ v, jax.random.key(0), like=like, num_matvecs=20, method="xtrace")
+    C = _spd(N, np.linspace(-1.0, 1.0, N))
+    with pytest.raises(GradlabError, match="positive semi-definite"):
+        cv.trace(lambda v: C @ v, jax.random.key(0), like=like, num_matvecs=20, method="xnystrace")
+    with pytest.raises(OptionError, match="mesh"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, mesh="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Diagonal, eigenvalues, spectral density
+
+
+@pytest.mark.parametrize("method", cv.DIAGONAL_METHODS)
+def test_diagonal_unbiased_and_dict(method):
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    H = jax.hessian(lambda z: f(unravel(z)))(flat)
+    op = cv.hvp_operator(f, x)
+
+    def one(key):
+        d = cv.diagonal(op, key, like=x, num_matvecs=10, method=method)
+        return jax.flatten_util.ravel_pytree(d.value)[0]
+
+    ds = jax.lax.map(one, jax.random.split(jax.random.key(0), 400))
+    z = (ds.mean(0) - jnp.diag(H)) / (ds.std(0) / 20 + 1e-12)
+    assert jnp.max(jnp.abs(z)) < 4.5
+    exact = cv.diagonal(op, jax.random.key(0), like=x, num_matvecs=flat.size, method=method)
+    assert set(exact.value) == {"W", "b", "x"}
+    np.testing.assert_allclose(
+        jax.flatten_util.ravel_pytree(exact.value)[0], jnp.diag(H), atol=1e-12
+    )
+
+
+def test_xdiag_beats_hutchinson_on_low_rank(mats):
+    A, _ = mats["inv_k2"]
+    errs = {}
+    for method in cv.DIAGONAL_METHODS:
+        d = cv.diagonal(
+            lambda v: A @ v, jax.random.key(0), like=jnp.zeros(N), num_matvecs=60, method=method
+        )
+        errs[method] = float(jnp.linalg.norm(d.value - jnp.diag(A)))
+    assert errs["xdiag"] < errs["hutchinson"] / 5
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_lanczos_matches_eigh(which):
+    n = 120
+    lam = np.concatenate(
+        [np.linspace(-3.0, -2.0, 3), np.linspace(-0.5, 0.5, n - 6), [2.0, 2.7, 4.0]]
+    )
+    A = _spd(n, lam, seed=7)
+    ev = cv.eigenvalues(
+        lambda v: A @ v, jax.random.key(0), like=jnp.zeros(n), k=3, which=which, num_iters=80
+    )
+    w = np.linalg.eigvalsh(np.asarray(A))
+    want = {"largest": w[::-1][:3], "smallest": w[:3], "magnitude": w[np.argsort(-np.abs(w))][:3]}[
+        which
+    ]
+    np.testing.assert_allclose(ev.values, want, atol=1e-8)
+    u = ev.vectors[0]
+    np.testing.assert_allclose(A @ u, ev.values[0] * u, atol=1e-6)
+    assert ev.residuals[0] < 1e-6
+
+
+def test_lanczos_dict_hessian_top_eigenvalues():
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    w = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda z: f(unravel(z)))(flat)))
+    ev = cv.eigenvalues(cv.hvp_operator(f, x), jax.random.key(0), like=x, k=5)
+    np.testing.assert_allclose(ev.values, w[::-1][:5], atol=1e-9)
+    assert ev.vectors["W"].shape == (5, 3, 4)
+
+
+def test_spectral_density_integrates_to_one_and_moments():
+    n, p, q = 150, 8, 12
+    lam = np.random.default_rng(2).uniform(0.0, 3.0, n)
+    A = _spd(n, lam, seed=3)
+    sd = cv.spectral_density(
+        lambda v: A @ v, jax.random.key(0), like=jnp.zeros(n), num_probes=p, num_iters=q
+    )
+    assert abs(float(jnp.trapezoid(sd.density, sd.grid)) - 1) < 1e-6
+    np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
+    # Gauss quadrature is exact for degree ≤ 2q − 1: the quadrature moments equal zᵀA^k z/‖z‖²
+    Z = jax.random.rademacher(jax.random.split(jax.random.key(0))[0], (p, n), jnp.float64)
+    for k in range(1, 6):
+        quad = np.mean(np.sum(sd.weights * sd.nodes**k, axis=1))
+        Ak = np.linalg.matrix_power(np.asarray(A), k)
+        exact = np.mean(np.einsum("pi,ij,pj->p", Z, Ak, Z)) / n
+        np.testing.assert_allclose(quad, exact, rtol=1e-8)
+        assert abs(quad - np.sum(lam**k) / n) < 0.1 * np.sum(lam**k) / n  # tr(Aᵏ)/n within MC error
+    mean = float(jnp.trapezoid(sd.grid * sd.density, sd.grid))
+    assert abs(mean - lam.mean()) < 0.05 * lam.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", cv.TRACE_METHODS)
+@pytest.mark.parametrize("spectrum", ["inv_k2", "inv_k", "flat", "lowrank_noise"])
+def test_error_bars_are_calibrated(mats, method, spectrum):
+    A, tr = mats[spectrum]
+    v, s = _run_seeds(A, method, 30, 200)
+    coverage = np.mean(np.abs(v - tr) <= 1.96 * s)
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding (subprocess with 8 CPU devices)
+
+
+@pytest.mark.slow
+def test_sharded_equals_unsharded():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from gradlab import curvature as cv
+        assert jax.device_count() == 8
+        mesh = jax.make_mesh((8,), ("probes",))
+        n = 64
+        U = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))[0]
+        A = jnp.asarray((U / np.arange(1, n + 1)) @ U.T)
+        for method in ["hutchinson", "xnystrace"]:
+            kw = dict(like=jnp.zeros(n), num_matvecs=30, method=method)
+            a = cv.trace(lambda v: A @ v, jax.random.key(0), **kw)
+            b = cv.trace(lambda v: A @ v, jax.random.key(0), mesh=mesh, **kw)
+            c = jax.jit(lambda k: cv.trace(lambda v: A @ v, k, mesh=mesh, batch_size=2, **kw))(
+                jax.random.key(0))
+            for e in (b, c):
+                assert abs(float(e.value - a.value)) <= 1e-12 * abs(float(a.value)), method
+                assert abs(float(e.std_error - a.std_error)) <= 1e-12 * abs(float(a.value)), method
+        f = lambda p: jnp.sum(jnp.tanh(p["w"]) ** 2) + jnp.sum(p["w"] ** 4)
+        x = {"w": jnp.linspace(-1.0, 1.0, 40)}
+        a = cv.hessian_trace(f, x, jax.random.key(1), num_matvecs=20)
+        b = cv.hessian_trace(f, x, jax.random.key(1), num_matvecs=20, mesh=mesh)
+        assert abs(float(a.value - b.value)) <= 1e-12 * abs(float(a.value))
+        print("OK")
+        """
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
