@@ -387,3 +387,59 @@ def test_submitit_local_launcher(tmp_path):
     rows_a = json.loads((tmp_path / "s" / "results.json").read_text())
     rows_b = json.loads((tmp_path / "l" / "results.json").read_text())
     assert strip_timing(rows_a) == strip_timing(rows_b) and b.ok
+
+
+CURV = """
+kind = "curvature"
+[curvature]
+problem = [{name = "quadratic", dim = 6}]
+method = ["hutchinson", "xtrace"]
+num_matvecs = [6]
+top_k = 2
+mesh = MESH
+"""
+
+
+def test_curvature_kind_against_dense_hessian(tmp_path):
+    out = tmp_path / "c"
+    sweep = lab.run(write(tmp_path, CURV.replace("MESH", "false")), out=out)
+    assert sweep.ok and sweep.num_runs == 2
+    for run in json.loads((out / "runs.json").read_text()):
+        s = run["summary"]
+        assert s["rel_error"] < 1e-10 and s["std_error"] == 0.0  # n matvecs: the exact trace
+        assert s["eig_max_rel_error"] < 1e-8
+    assert "Top eigenvalues" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_curvature_kind_uses_every_device(tmp_path):
+    cfg = CURV.replace("num_matvecs = [6]", "num_matvecs = [4]")
+    for mesh in ("false", "true"):
+        write(tmp_path, cfg.replace("MESH", mesh), name=f"{mesh}.toml")
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gradlab.cli",
+                "run",
+                str(tmp_path / f"{mesh}.toml"),
+                "--out",
+                str(tmp_path / mesh),
+                "--quiet",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {m: json.loads((tmp_path / m / "runs.json").read_text()) for m in ("false", "true")}
+    assert [r["summary"]["devices"] for r in runs["true"]] == [8, 8]
+    for a, b in zip(runs["false"], runs["true"], strict=True):
+        assert abs(a["summary"]["value"] - b["summary"]["value"]) <= 1e-12 * abs(
+            a["summary"]["value"]
+        )
+    env = json.loads((tmp_path / "true" / "env.json").read_text())
+    assert env["devices"]["count"] == 8 and "device_count=8" in env["xla_flags"]

@@ -171,7 +171,15 @@ def line_figure(
                 ax.plot(tx, ty, color=color, lw=1.0, ls="--")
         if any(s.theory is not None for s in series):
             ax.plot([], [], color="0.3", lw=1.0, ls="--", label="theory (dashed, same colour)")
-        if logy:
+        # a log axis needs a positive value to show (an exact estimate has error 0)
+        positive = [
+            v
+            for s in series
+            for _, y in s.runs
+            for v in y
+            if v is not None and np.isfinite(v) and v > 0
+        ]
+        if logy and positive:
             ax.set_yscale("log")
         if logx:
             ax.set_xscale("log")
@@ -220,7 +228,8 @@ def tidy(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     rows = []
     for run in runs:
-        base = parameters(run)
+        # display labels and the kind are per run: they live in runs.json, not on every point
+        base = {k: v for k, v in parameters(run).items() if k != "kind" and not k.endswith("_label")}
         base.update(run.get("timing") or {})
         points = run.get("points") or []
         if not points:

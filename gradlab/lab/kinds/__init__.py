@@ -27,6 +27,7 @@ from gradlab._validate import check_choice
 __all__ = ["Resolved", "get", "names"]
 
 _MODULES = {
+    "curvature": "gradlab.lab.kinds.curvature",
     "descent": "gradlab.lab.kinds.descent",
     "gradcheck": "gradlab.lab.kinds.gradcheck",
 }
@@ -36,7 +37,7 @@ def names() -> list[str]:
     """The registered experiment kinds.
 
     >>> names()
-    ['descent', 'gradcheck']
+    ['curvature', 'descent', 'gradcheck']
     """
     return sorted(_MODULES)
 
