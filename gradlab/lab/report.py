@@ -229,7 +229,9 @@ def tidy(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         # display labels and the kind are per run: they live in runs.json, not on every point
-        base = {k: v for k, v in parameters(run).items() if k != "kind" and not k.endswith("_label")}
+        base = {
+            k: v for k, v in parameters(run).items() if k != "kind" and not k.endswith("_label")
+        }
         base.update(run.get("timing") or {})
         points = run.get("points") or []
         if not points:
