@@ -163,9 +163,19 @@ def test_sweep_is_reproducible_resumable_and_keys_are_per_axis(tmp_path):
         rows_a[-1]
     )
 
-    # an unchanged re-run recomputes nothing and does not even redraw the report
-    again = lab.run(cfg, out=tmp_path / "a")
+    # an unchanged re-run recomputes nothing, does not redraw the report, and does not even build
+    # the problems to validate them (the deep checks run only when something must be computed)
+    import gradlab.lab.kinds.descent as descent_kind
+
+    calls = []
+    real = descent_kind._check_instances
+    descent_kind._check_instances = lambda *a: calls.append(a) or real(*a)
+    try:
+        again = lab.run(cfg, out=tmp_path / "a")
+    finally:
+        descent_kind._check_instances = real
     assert again.num_computed == 0 and again.num_reused == 3 and not again.rendered
+    assert calls == []
 
     # a lost result is recomputed, and only it; --force recomputes all, bit for bit (but timing)
     victim = next((tmp_path / "a" / "runs").iterdir())
@@ -324,6 +334,21 @@ def test_cli_list(capsys):
         "lbfgs",
     ):
         assert word in out
+
+
+def test_deep_config_errors_before_anything_is_written(tmp_path):
+    bad = write(
+        tmp_path,
+        """
+        kind = "descent"
+        [descent]
+        problem = [{name = "quadratic", dim = 3}]
+        strategy = [{name = "two_point", num_directions = 5, distribution = "orthogonal"}]
+        """,
+    )
+    with pytest.raises(lab.ConfigError, match="at most d = 3"):
+        lab.run(bad, out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_subprocess_exit_2_without_traceback(tmp_path):

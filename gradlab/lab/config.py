@@ -239,7 +239,9 @@ def raise_errors(lines: Sequence[str], source: str | None = None) -> None:
 # loading
 
 
-def parse(data: Any, *, source: str | None = None, default_name: str | None = None):
+def parse(
+    data: Any, *, source: str | None = None, default_name: str | None = None, deep: bool = True
+):
     """Validate a config ``data`` (a dict, as ``tomllib`` returns) into a resolved config.
 
     Returns a :class:`gradlab.lab.kinds.Resolved` (``experiment``, ``section``, ``kind``). Raises
@@ -312,15 +314,20 @@ def parse(data: Any, *, source: str | None = None, default_name: str | None = No
                 errors.extend(more)
             except GradlabError as e:  # a kind's semantic check that raised instead of listing
                 errors.append(f"{kind.NAME}: {e}")
+    if deep and not errors and hasattr(kind, "check_instances"):
+        errors.extend(kind.check_instances(section, experiment))
     raise_errors(errors, source)
-    return kinds.Resolved(experiment=experiment, section=section, kind=kind, source=source)
+    return kinds.Resolved(
+        experiment=experiment, section=section, kind=kind, source=source, checked=deep
+    )
 
 
-def load(path: str | Path):
+def load(path: str | Path, *, deep: bool = True):
     """Read and validate the TOML config at ``path`` (see :func:`parse`); the name defaults to its stem.
 
     Raises :class:`ConfigError` for a missing file, a TOML syntax error (with line and column) or any
-    invalid field.
+    invalid field. ``deep=False`` skips the kind's instance checks (building every problem and
+    strategy), which :func:`gradlab.lab.run` does itself only when some run must be computed.
     """
     p = Path(path)
     try:
@@ -333,7 +340,9 @@ def load(path: str | Path):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}.") from None
-    return parse(data, source=str(path), default_name=p.stem.replace(" ", "_") or "experiment")
+    return parse(
+        data, source=str(path), default_name=p.stem.replace(" ", "_") or "experiment", deep=deep
+    )
 
 
 def product(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

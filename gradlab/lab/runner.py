@@ -372,9 +372,9 @@ def run(
 
     Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config.
     """
-    from gradlab.lab.config import load
+    from gradlab.lab.config import load, raise_errors
 
-    resolved = config if isinstance(config, Resolved) else load(config)
+    resolved = config if isinstance(config, Resolved) else load(config, deep=False)
     jobs = check_positive_int("jobs", jobs)
     check_choice("launcher", launcher, LAUNCHERS)
     specs = resolved.specs()
@@ -391,6 +391,11 @@ def run(
         if force or not _finished(runs_dir / rid / "result.json")
     ]
     kind_name = resolved.kind.NAME
+    if todo and not resolved.checked and hasattr(resolved.kind, "check_instances"):
+        # before anything is written: a bad config leaves no folder behind
+        raise_errors(
+            resolved.kind.check_instances(resolved.section, resolved.experiment), resolved.source
+        )
     resolved_json = resolved.to_json()
     out.mkdir(parents=True, exist_ok=True)
     R.atomic_write(out / "config.json", dumps(resolved_json))

@@ -57,6 +57,7 @@ class Resolved:
     section: Any
     kind: ModuleType
     source: str | None = None
+    checked: bool = True  # whether the kind's deep instance checks ran
 
     @property
     def name(self) -> str:

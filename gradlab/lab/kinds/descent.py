@@ -180,10 +180,14 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
                 f"{NAME}.optimizer[{i}].learning_rate: 'theory' is defined for sgd, momentum and "
                 f"nesterov; give a number for {opt.name!r} (e.g. learning_rate = 0.01)."
             )
-    if not errors and experiment is not None:
-        errors += _check_instances(problems, strategies, experiment)
     section = section.model_copy(update={"problem": problems, "strategy": strategies})
     return section, errors
+
+
+def check_instances(section: Section, experiment: Any) -> list[str]:
+    """The deep check (run by ``gradlab validate`` and before any run is computed, skipped when every
+    run is cached): build each problem and strategy point, and trace each strategy on each problem."""
+    return _check_instances(section.problem, section.strategy, experiment)
 
 
 def _check_instances(
