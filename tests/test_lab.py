@@ -468,3 +468,34 @@ def test_curvature_kind_uses_every_device(tmp_path):
         )
     env = json.loads((tmp_path / "true" / "env.json").read_text())
     assert env["devices"]["count"] == 8 and "device_count=8" in env["xla_flags"]
+
+
+def test_remat_kind_measures_recompute_and_plan(tmp_path):
+    cfg = write(
+        tmp_path,
+        """
+        kind = "remat"
+        dtype = "float32"
+        [remat]
+        layers = [2, 4]
+        width = 8
+        batch = 16
+        strategy = ["none", "per_layer", {name = "binomial", snapshots = 1}]
+        """,
+    )
+    out = tmp_path / "r"
+    sweep = lab.run(cfg, out=out)
+    assert sweep.ok and sweep.num_runs == 6
+    runs = {
+        (r["spec"]["layers"], r["spec"]["strategy"]["name"]): r["summary"]
+        for r in json.loads((out / "runs.json").read_text())
+    }
+    for L in (2, 4):
+        base = runs[(L, "none")]["dot_flops"]
+        for name in ("per_layer", "binomial"):
+            measured = runs[(L, name)]["dot_flops"] / base
+            assert measured > 1.0  # the recompute happened
+            assert abs(measured - runs[(L, name)]["plan_flops_ratio"]) < 0.05 * measured
+    md = (out / "report.md").read_text()
+    assert "Pareto front at L = 4" in md and "memory ∝ L^p" in md
+    assert len(list((out / "figures").glob("*.png"))) == 3

@@ -37,6 +37,7 @@ __all__ = [
     "parameters",
     "render",
     "run_rows",
+    "scatter_figure",
     "tidy",
 ]
 
@@ -191,6 +192,33 @@ def line_figure(
 
     caption = f"{ylabel} vs {xlabel} — {title}"
     return Figure(name=name, caption=caption, draw=draw)
+
+
+def scatter_figure(
+    name: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    points: Sequence[tuple[str, float, float, float | None, float | None]],
+) -> Figure:
+    """Labelled points ``(label, x, y, x_pred, y_pred)``: measured (filled) and, where given, predicted
+    (hollow, joined to the measurement by a thin line)."""
+
+    def draw(ax: Any) -> None:
+        for i, (label, x, y, xp, yp) in enumerate(points):
+            color = f"C{i % 10}"
+            ax.plot([x], [y], "o", color=color, label=label)
+            if xp is not None and yp is not None:
+                ax.plot([xp], [yp], "s", mfc="none", color=color)
+                ax.plot([x, xp], [y, yp], "-", lw=0.6, color=color)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+    return Figure(name=name, caption=f"{ylabel} vs {xlabel} — {title}", draw=draw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ _MODULES = {
     "curvature": "gradlab.lab.kinds.curvature",
     "descent": "gradlab.lab.kinds.descent",
     "gradcheck": "gradlab.lab.kinds.gradcheck",
+    "remat": "gradlab.lab.kinds.remat",
 }
 
 
@@ -37,7 +38,7 @@ def names() -> list[str]:
     """The registered experiment kinds.
 
     >>> names()
-    ['curvature', 'descent', 'gradcheck']
+    ['curvature', 'descent', 'gradcheck', 'remat']
     """
     return sorted(_MODULES)
 
