@@ -499,3 +499,23 @@ def test_remat_kind_measures_recompute_and_plan(tmp_path):
     md = (out / "report.md").read_text()
     assert "Pareto front at L = 4" in md and "memory ∝ L^p" in md
     assert len(list((out / "figures").glob("*.png"))) == 3
+
+
+def test_admodes_kind_finds_the_crossover(tmp_path):
+    cfg = write(
+        tmp_path,
+        """
+        kind = "admodes"
+        dtype = "float32"
+        [admodes]
+        n = 20
+        ms = [5, 10, 20, 40, 80]
+        rounds = 1
+        """,
+    )
+    out = tmp_path / "a"
+    assert lab.run(cfg, out=out).ok
+    runs = json.loads((out / "runs.json").read_text())
+    picks = {r["spec"]["m"]: r["summary"]["auto_mode"] for r in runs}
+    assert picks == {5: "reverse", 10: "reverse", 20: "forward", 40: "forward", 80: "forward"}
+    assert "20 by FLOPs" in (out / "report.md").read_text()

@@ -7,7 +7,7 @@
 >>> len(cfg.specs())  # 2 problems × (1 exact + 2 two_point): the num_directions list multiplies two_point only
 6
 >>> lab.kinds.names()
-['curvature', 'descent', 'gradcheck', 'remat']
+['admodes', 'curvature', 'descent', 'gradcheck', 'remat']
 
 Modules: :mod:`gradlab.lab.config` (pydantic models, TOML loading, field-path errors),
 :mod:`gradlab.lab.kinds` (one module per experiment kind), :mod:`gradlab.lab.runner` (content-addressed,

@@ -27,6 +27,7 @@ from gradlab._validate import check_choice
 __all__ = ["Resolved", "get", "names"]
 
 _MODULES = {
+    "admodes": "gradlab.lab.kinds.admodes",
     "curvature": "gradlab.lab.kinds.curvature",
     "descent": "gradlab.lab.kinds.descent",
     "gradcheck": "gradlab.lab.kinds.gradcheck",
@@ -38,7 +39,7 @@ def names() -> list[str]:
     """The registered experiment kinds.
 
     >>> names()
-    ['curvature', 'descent', 'gradcheck', 'remat']
+    ['admodes', 'curvature', 'descent', 'gradcheck', 'remat']
     """
     return sorted(_MODULES)
 
