@@ -629,18 +629,47 @@ def _xnystrace(mv, key, sampler, m, *, batch_size, mesh, n):
     return Estimate(jnp.mean(terms), se, jnp.asarray(m)), _asymmetry(Omega, Y), lam
 
 
-def _auto(mv, key, sampler, m, *, batch_size, mesh, n):
-    """Hutchinson or XNysTrace/XTrace, decided from the first quarter of the probes.
+def _nystrom_gap(Omega, Y):
+    """The largest ratio ``λ̂_j / λ̂_{j+1}`` of the Nyström approximation's eigenvalues, ``j ≤ 3k/4``.
 
-    All probes are ``√n``-sphere vectors ``ω_i`` from one key, so the first block is a prefix of
-    both candidates' probes and nothing is wasted. From the first block (``k₀ = m/4`` probes,
-    ``Y₀ = AΩ₀``): the Hutchinson terms ``h_i = ω_iᵀ y_i`` give the per-probe variance ``s_H²``. If
-    ``Ω₀ᵀY₀`` is symmetric positive semi-definite (the operator looks PSD), the leave-one-out
-    XNysTrace terms of the first block give ``s_X²``; otherwise ``s_X² = 2·mean_i dist(y_i,
-    span Y_{0,−i})²``, the Hutch++ residual variance bound ``2‖(I − Π)A‖_F²``. Variance-reduced if
-    ``s_X² < s_H²`` (it is then at least as good per probe, and improves faster with ``m``).
+    ``Â = Y(ΩᵀY)⁺Yᵀ = FFᵀ`` with ``F = Y V Λ^{−1/2}`` (``ΩᵀY = VΛVᵀ``); its eigenvalues are those of the
+    ``k × k`` matrix ``FᵀF``. Only the leading three quarters of the sketch are searched: the last
+    Nyström eigenvalues are the least accurate (most under-estimated).
     """
-    k0 = max(2, m // 4)
+    k = Omega.shape[1]
+    Hm = Omega.T @ Y
+    lam, V = jnp.linalg.eigh((Hm + Hm.T) / 2)
+    keep = lam > k * jnp.finfo(lam.dtype).eps * jnp.abs(lam[-1])
+    inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    F = Y @ (V * inv_sqrt[None, :])
+    mu = jnp.linalg.eigvalsh(F.T @ F)[::-1]
+    j = max(1, (3 * k) // 4)
+    tiny = jnp.finfo(mu.dtype).tiny
+    return jnp.max(mu[:j] / jnp.maximum(mu[1 : j + 1], tiny))
+
+
+_GAP = 10.0  # a Nyström eigenvalue gap above which auto prefers XTrace's extra power of A
+
+
+def _auto(mv, key, sampler, m, *, batch_size, mesh, n):
+    """Hutchinson, XNysTrace or XTrace, decided from the first half of the probes.
+
+    All probes are ``√n``-sphere vectors ``ω_i`` from one key. The first ``k = m/2`` probes
+    (``Y₀ = AΩ₀``) are shared by the three candidates: Hutchinson and XNysTrace continue with ``m/2``
+    more probes, XTrace spends the other half on ``AQ`` with ``Q = orth(Y₀)``; no matvec is wasted.
+
+    1. Hutchinson or a sketch: the Hutchinson terms ``h_i = ω_iᵀy_i`` give the per-probe variance
+       ``s_H²``. If ``Ω₀ᵀY₀`` is symmetric positive semi-definite (the operator looks PSD), the
+       leave-one-out XNysTrace terms of the first half give ``s_X²``; otherwise ``s_X² = 2·mean_i
+       dist(y_i, span Y_{0,−i})²``, the Hutch++ residual variance bound ``2‖(I − Π)A‖_F²``. A sketch
+       if ``s_X² < s_H²`` (it is then at least as good per probe, and improves faster with ``m``).
+    2. XNysTrace or XTrace (PSD operators): XNysTrace's low-rank part lives on ``range(A^{1/2}Ω)``
+       with ``m`` probes, XTrace's on ``range(AΩ)`` with ``m/2``: one more half power of ``A``, which
+       pays off only where the spectrum has a gap that the sketch resolves. XTrace if the first
+       half's Nyström eigenvalues have a ratio ``λ̂_j/λ̂_{j+1} > 10`` (:func:`_nystrom_gap`).
+       Non-PSD operators get XTrace.
+    """
+    k0 = m // 2
     Om0 = _probes(sampler, key, 0, k0).T
     Y0 = _apply(mv, Om0.T, batch_size=batch_size, mesh=mesh).T
     h = jnp.sum(Om0 * Y0, axis=0)
@@ -651,36 +680,35 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n):
     psd = (asym < _SYM_RTOL) & (lam0[0] >= -1e3 * jnp.finfo(lam0.dtype).eps * jnp.abs(lam0[-1]))
     nys_terms, _ = _nystrom_terms(Om0, Y0, n)
     var_nys = jnp.var(nys_terms, ddof=1)
-    _, R0 = _orth(Y0)
+    Q0, R0 = _orth(Y0)
     Rinv = jax.scipy.linalg.solve_triangular(R0, jnp.eye(k0, dtype=R0.dtype), lower=False)
     dist2 = 1.0 / jnp.sum(Rinv * Rinv, axis=1)
     var_res = 2.0 * jnp.mean(dist2)
     var_x = jnp.where(psd, var_nys, var_res)
     use_x = var_x < var_h
+    use_xtrace = ~psd | (_nystrom_gap(Om0, Y0) > _GAP)
+
+    def rest_probes():
+        Om1 = _probes(sampler, key, k0, m - k0).T
+        return Om1, _apply(mv, Om1.T, batch_size=batch_size, mesh=mesh).T
 
     def hutch_branch():
-        rest = _quad_terms(mv, key, sampler, k0, m - k0, batch_size, mesh)
-        value, se = _mean_se(jnp.concatenate([h, rest]))
+        Om1, Y1 = rest_probes()
+        value, se = _mean_se(jnp.concatenate([h, jnp.sum(Om1 * Y1, axis=0)]))
         return Estimate(value, se, jnp.asarray(m))
 
     def nys_branch():
-        Om1 = _probes(sampler, key, k0, m - k0).T
-        Y1 = _apply(mv, Om1.T, batch_size=batch_size, mesh=mesh).T
+        Om1, Y1 = rest_probes()
         Omega, Y = jnp.concatenate([Om0, Om1], axis=1), jnp.concatenate([Y0, Y1], axis=1)
         terms, _ = _nystrom_terms(Omega, Y, n)
         se = _calibrated_se(terms, _nystrom_jackknife_var(Omega, Y, n))
         return Estimate(jnp.mean(terms), se, jnp.asarray(m))
 
     def xtrace_branch():
-        k = m // 2
-        Om1 = _probes(sampler, key, k0, k - k0).T
-        Y1 = _apply(mv, Om1.T, batch_size=batch_size, mesh=mesh).T
-        Omega, Y = jnp.concatenate([Om0, Om1], axis=1), jnp.concatenate([Y0, Y1], axis=1)
-        Q, R = _orth(Y)
-        Z = _apply(mv, Q.T, batch_size=batch_size, mesh=mesh).T
-        return _xtrace_finish(Omega, Q, R, Z, n)
+        Z = _apply(mv, Q0.T, batch_size=batch_size, mesh=mesh).T
+        return _xtrace_finish(Om0, Q0, R0, Z, n)
 
-    branch = jnp.where(use_x, jnp.where(psd, 1, 2), 0)
+    branch = jnp.where(use_x, jnp.where(use_xtrace, 2, 1), 0)
     est = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
     return est, branch
 
@@ -721,9 +749,11 @@ def trace(
       sketch and, left out of it, as a Hutchinson probe of the residual; ``A`` symmetric.
     - ``"xnystrace"``: the same exchangeable construction on the Nyström approximation
       ``AΩ(ΩᵀAΩ)⁺ΩᵀA`` with all ``m`` probes; ``A`` symmetric positive semi-definite.
-    - ``"auto"``: decides from the first quarter of the probes whether the operator is in the
-      Hutchinson regime (flat spectrum) or the low-rank regime (decaying spectrum), and whether it
-      looks PSD (XNysTrace) or not (XTrace); see ``_auto``. No matvec is wasted on the decision.
+    - ``"auto"``: decides from the first half of the probes whether the operator is in the
+      Hutchinson regime (flat spectrum) or the low-rank regime (decaying spectrum), and then between
+      XNysTrace (PSD, no spectral gap) and XTrace (not PSD, or a gap in the sketch's Nyström
+      eigenvalues, where XTrace's extra power of ``A`` pays); see ``_auto``. No matvec is wasted on
+      the decision.
 
     X-methods use the "resphering" of Epperly (2025): each left-out probe is rescaled within the
     complement of the other probes, so they need rotation-invariant probes (``"sphere"`` or
@@ -765,7 +795,7 @@ def trace(
     >>> import jax, jax.numpy as jnp
     >>> lam = 1.0 / jnp.arange(1.0, 201.0) ** 2
     >>> U = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (200, 200)))[0]
-    >>> A = (U * lam) @ U.T
+    >>> A = (U * lam[None, :]) @ U.T
     >>> est = trace(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(200), num_matvecs=40,
     ...             method="xnystrace")
     >>> bool(abs(est.value - lam.sum()) < 3 * est.std_error), int(est.num_matvecs)

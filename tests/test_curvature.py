@@ -187,7 +187,10 @@ def test_batch_size_and_jit_compile_once(mats):
 
 def test_auto_picks_hutchinson_on_flat_and_sketch_on_decaying(mats):
     like = jnp.zeros(N)
-    for name, want in [("flat", 0), ("inv_k2", 1)]:
+    # 0 Hutchinson, 1 XNysTrace, 2 XTrace (a spectral gap: 10 eigenvalues 1, the rest 1e-2). On the
+    # flat spectrum resphered XNysTrace ties Hutchinson (median errors 2.2e-3 vs 2.4e-3 at m = 30), so
+    # either is right there; XTrace (1.5x worse) is not.
+    for name, want in [("flat", (0, 1)), ("inv_k2", (1,)), ("lowrank_noise", (2,))]:
         A, _ = mats[name]
         mv, n, _ = cv._flat_operator(lambda v, A=A: A @ v, like)
         samp = cv._probe_sampler("sphere", like, 1)
@@ -195,7 +198,7 @@ def test_auto_picks_hutchinson_on_flat_and_sketch_on_decaying(mats):
             lambda k, mv=mv, s=samp, n=n: cv._auto(mv, k, s, 40, batch_size=None, mesh=None, n=n)[1]
         )
         branch = run(jax.random.key(0))
-        assert int(branch) == want, name
+        assert int(branch) in want, name
 
 
 def test_trace_errors(mats):
@@ -324,6 +327,8 @@ MISCALIBRATED = {
     ("flat", "auto"): 0.98,
     ("lowrank_noise", "hutch++"): 0.885,
     ("lowrank_noise", "xtrace"): 1.0,
+    # auto takes XTrace on this spectrum (its gap) and so inherits XTrace's conservative error bar
+    ("lowrank_noise", "auto"): 1.0,
 }
 
 
