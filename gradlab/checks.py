@@ -1202,19 +1202,9 @@ class HVPCheck:
         return "\n".join(filter(None, [head, self.message]))
 
 
-def _hvp_fwd_rev(f, x, v):
-    return jax.jvp(jax.grad(f), (x,), (v,))[1]
+# the three AD compositions of an HVP, shared with gradlab.curvature.hvp
+from gradlab.curvature import _HVP as _HVP_FNS  # noqa: E402
 
-
-def _hvp_rev_fwd(f, x, v):
-    return jax.grad(lambda y: jax.jvp(f, (y,), (v,))[1])(x)
-
-
-def _hvp_rev_rev(f, x, v):
-    return jax.vjp(jax.grad(f), x)[1](v)[0]
-
-
-_HVP_FNS = {"fwd_rev": _hvp_fwd_rev, "rev_fwd": _hvp_rev_fwd, "rev_rev": _hvp_rev_rev}
 _DENSE_ONLY = "dense"  # _core: only the dense H·v (the HVP itself was evaluated eagerly)
 
 

@@ -331,6 +331,14 @@ def _plain_table(table: R.Table, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _failures(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"id": r["id"], "status": r["status"], "error": r.get("error")}
+        for r in runs
+        if r["status"] not in FINISHED
+    ]
+
+
 def _render(out: Path, resolved_json: Mapping[str, Any], runs: Sequence[Mapping], env: Mapping):
     kind = get_kind(resolved_json["kind"])
     good = [r for r in runs if r["status"] in FINISHED]
@@ -437,11 +445,7 @@ def run(
         files, summary = _render(out, resolved_json, runs, env)
         R.atomic_write(out / ".summary.txt", summary)
         R.atomic_write(stamp_path, stamp)
-    failed = [
-        {"id": r["id"], "status": r["status"], "error": r.get("error")}
-        for r in runs
-        if r["status"] not in FINISHED
-    ]
+    failed = _failures(runs)
     return Sweep(
         out=out,
         num_runs=len(unique),
@@ -478,11 +482,7 @@ def rerender(out: str | Path) -> Sweep:
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
     files, summary = _render(out, resolved_json, runs, env)
     R.atomic_write(out / ".summary.txt", summary)
-    failed = [
-        {"id": r["id"], "status": r["status"], "error": r.get("error")}
-        for r in runs
-        if r["status"] not in FINISHED
-    ]
+    failed = _failures(runs)
     return Sweep(
         out=out,
         num_runs=len(runs),

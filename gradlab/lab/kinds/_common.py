@@ -15,6 +15,7 @@ from pydantic import StrictBool, create_model
 from gradlab.lab.config import FiniteFloat, PosInt, Sweep, format_errors, product
 
 __all__ = [
+    "base_spec",
     "canonical",
     "entry_label",
     "expand_entries",
@@ -38,6 +39,11 @@ def stable_hash(obj: Any) -> int:
     True
     """
     return int(hashlib.sha256(canonical(obj).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def base_spec(kind: str, experiment: Any, repeat: int) -> dict[str, Any]:
+    """The keys every run spec starts with: kind, seed, dtype and the repeat index."""
+    return {"kind": kind, "seed": experiment.seed, "dtype": experiment.dtype, "repeat": repeat}
 
 
 def _normalise(entry: Any) -> Any:

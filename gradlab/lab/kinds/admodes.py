@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from gradlab.lab.config import Base, PosInt
+from gradlab.lab.kinds._common import base_spec
 
 NAME = "admodes"
 SUMMARY = "forward vs reverse mode: Jacobian of f(x) = Ax as m grows (time, FLOPs, crossover, auto)"
@@ -48,10 +49,7 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
     exp, sec = resolved.experiment, resolved.section
     return [
         {
-            "kind": NAME,
-            "seed": exp.seed,
-            "dtype": exp.dtype,
-            "repeat": r,
+            **base_spec(NAME, exp, r),
             "n": sec.n,
             "m": m,
             "rounds": sec.rounds,

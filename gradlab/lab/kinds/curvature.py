@@ -26,6 +26,7 @@ from pydantic import Field, StrictBool
 
 from gradlab.lab.config import Base, PosInt
 from gradlab.lab.kinds._common import (
+    base_spec,
     entry_label,
     expand_entries,
     make_problem,
@@ -66,10 +67,7 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
     exp, sec = resolved.experiment, resolved.section
     return [
         {
-            "kind": NAME,
-            "seed": exp.seed,
-            "dtype": exp.dtype,
-            "repeat": r,
+            **base_spec(NAME, exp, r),
             "problem": problem,
             "method": {"name": method},
             "num_matvecs": m,

@@ -38,6 +38,7 @@ from gradlab.lab.config import (
     Sweep,
 )
 from gradlab.lab.kinds._common import (
+    base_spec,
     entry_label,
     expand_entries,
     make_problem,
@@ -245,10 +246,7 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
                     for r in range(exp.repeats):
                         specs.append(
                             {
-                                "kind": NAME,
-                                "seed": exp.seed,
-                                "dtype": exp.dtype,
-                                "repeat": r,
+                                **base_spec(NAME, exp, r),
                                 "problem": problem,
                                 "strategy": strategy,
                                 "optimizer": optimizer,

@@ -23,6 +23,7 @@ from pydantic import StrictBool
 
 from gradlab.lab.config import Base
 from gradlab.lab.kinds._common import (
+    base_spec,
     entry_label,
     expand_entries,
     make_problem,
@@ -58,10 +59,7 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
     exp, sec = resolved.experiment, resolved.section
     return [
         {
-            "kind": NAME,
-            "seed": exp.seed,
-            "dtype": exp.dtype,
-            "repeat": r,
+            **base_spec(NAME, exp, r),
             "problem": problem,
             "sweep": sec.sweep,
         }

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field, StrictBool
 
 from gradlab.lab.config import Base, PosInt, Sweep
-from gradlab.lab.kinds._common import entry_label, expand_entries, validate_entries
+from gradlab.lab.kinds._common import base_spec, entry_label, expand_entries, validate_entries
 
 NAME = "remat"
 SUMMARY = (
@@ -93,10 +93,7 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
     exp, sec = resolved.experiment, resolved.section
     return [
         {
-            "kind": NAME,
-            "seed": exp.seed,
-            "dtype": exp.dtype,
-            "repeat": r,
+            **base_spec(NAME, exp, r),
             "layers": L,
             "width": sec.width,
             "batch": sec.batch,
