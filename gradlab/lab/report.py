@@ -276,9 +276,6 @@ def run_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def join(run_records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Rebuild full run records (with points) from ``runs.json`` and ``results.json``."""
-    known = set()
-    for r in rows:
-        known.update(r)
     point_keys: dict[str, list[dict]] = {}
     for run in run_records:
         point_keys[run["id"]] = []

@@ -218,11 +218,13 @@ def load_runs(out: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
     return runs
 
 
-def _finished(path: Path) -> bool:
+def _read_finished(path: Path) -> dict[str, Any] | None:
+    """The result at ``path`` if it is there, readable and finished (ok or diverged), else None."""
     try:
-        return json.loads(path.read_text()).get("status") in FINISHED
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return record if record.get("status") in FINISHED else None
 
 
 def _clear_temp(runs_dir: Path) -> None:
@@ -393,10 +395,13 @@ def run(
     out = Path(out) if out is not None else Path("gradlab-runs") / resolved.name
     runs_dir = out / "runs"
     _clear_temp(runs_dir)
+    cached = (
+        {} if force else {rid: _read_finished(runs_dir / rid / "result.json") for rid in unique}
+    )
     todo = [
         (rid, spec, str(runs_dir / rid / "result.json"))
         for rid, spec in unique.items()
-        if force or not _finished(runs_dir / rid / "result.json")
+        if cached.get(rid) is None
     ]
     kind_name = resolved.kind.NAME
     if todo and not resolved.checked and hasattr(resolved.kind, "check_instances"):
@@ -417,7 +422,10 @@ def run(
     else:
         env = json.loads(env_path.read_text())
     _launch(kind_name, todo, jobs=jobs, launcher=launcher, out=out, progress=progress)
-    runs = load_runs(out, list(unique))
+    # results read above are reused; only the runs computed now are read back
+    fresh_ids = [t[0] for t in todo]
+    done = dict(zip(fresh_ids, load_runs(out, fresh_ids), strict=True))
+    runs = [cached.get(rid) or done[rid] for rid in unique]
     rows = R.tidy(runs)
     results_text = dumps(rows, compact=True)
     runs_text = dumps(R.run_rows(runs), compact=True)

@@ -100,7 +100,7 @@ def validate_entries(
         try:
             model = models(entry["name"])
         except KeyError as e:
-            msg = e.args[0] if e.args else str(e)
+            msg = str(e.args[0] if e.args else e).removeprefix(f"{registry}: ")
             errors.append(f"{_walk(raw, (*where, 'name'))}: {msg}")
             continue
         try:
@@ -115,14 +115,9 @@ def validate_entries(
 def problem_models(name: str) -> type[pydantic.BaseModel]:
     """The option model of a catalog problem (``KeyError`` with the allowed names if unknown)."""
     from gradlab import problems
-    from gradlab._validate import _suggest
+    from gradlab._validate import check_choice
 
-    if name not in problems.names():
-        raise KeyError(
-            f"unknown problem {name!r}; expected one of {', '.join(problems.names())}."
-            f"{_suggest(name, problems.names())}"
-        )
-    return _problem_model(name)
+    return _problem_model(check_choice("problem", name, problems.names()))
 
 
 def expand_entries(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

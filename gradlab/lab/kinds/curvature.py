@@ -97,7 +97,6 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
     import time
 
     import jax
-    import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
     from gradlab import curvature
@@ -155,7 +154,6 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
         summary["eig_max_rel_error"] = float(
             np.max(np.abs(got - lam) / np.maximum(np.abs(lam), 1e-300))
         )
-    del jnp
     return {"status": "ok", "summary": summary, "points": [], "timing": {"seconds": seconds}}
 
 

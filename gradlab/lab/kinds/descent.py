@@ -119,14 +119,9 @@ STRATEGIES: dict[str, type[Base]] = {
 
 
 def strategy_model(name: str) -> type[Base]:
-    from gradlab._validate import _suggest
+    from gradlab._validate import check_choice
 
-    if name not in STRATEGIES:
-        raise KeyError(
-            f"unknown strategy {name!r}; expected one of {', '.join(sorted(STRATEGIES))}."
-            f"{_suggest(name, STRATEGIES)}"
-        )
-    return STRATEGIES[name]
+    return STRATEGIES[check_choice("strategy", name, STRATEGIES)]
 
 
 class Optimizer(Base):

@@ -48,13 +48,9 @@ class Strategy(Base):
 
 def strategy_model(name: str) -> type[Base]:
     from gradlab import remat
-    from gradlab._validate import _suggest
+    from gradlab._validate import check_choice
 
-    if name not in remat.names():
-        raise KeyError(
-            f"unknown strategy {name!r}; expected one of {', '.join(remat.names())}."
-            f"{_suggest(name, remat.names())}"
-        )
+    check_choice("strategy", name, remat.names())
     return Strategy
 
 
