@@ -6,10 +6,13 @@ Problem (ANCHORS.md): least squares ``f(w) = ½‖Aw − b‖²``, ``A ∈ R^{2d
 
 Variants, run side by side in one process and timed round-robin (median of ``--repeats`` rounds):
 
-- ``descent.run``: ``descent.run(f, w0, grads.exact(), optax.sgd(1/L), num_steps=1000)``, default chunks
-  (256 steps per compiled ``lax.scan``, 4 chunks, the 24 steps past 1000 skipped by ``lax.cond``), timed
-  as the whole Python call (executables cached after the first call; its ``compile_time`` is reported).
-- ``descent.run[chunk=1000]``: the same with ``chunk_size=1000`` (one chunk).
+- ``descent.run``: ``descent.run(f, w0, grads.exact(), optax.sgd(1/L), num_steps=1000)`` with its
+  defaults (one executable: the start and one ``lax.while_loop`` segment; the loss recorded at every step
+  from the exact strategy's value), timed as the whole Python call (executables cached after the first
+  call; its ``compile_time`` is reported).
+- ``descent.run[unroll=8]``: blocks of 8 steps per loop iteration (one buffer write and stop test per block).
+- ``descent.run[monitor_every=10]`` (and ``,unroll=20``): the loss recorded and the stop tested every 10
+  steps; the other losses are never computed (dead code for ``value_and_grad``).
 - ``hand``: ``jax.jit`` of a ``lax.scan`` of ``x ← x − jax.grad(f)(x)/L`` (the baseline of the ratio).
 - ``hand+optax``: the same loop with the ``optax.sgd(1/L)`` update instead of the hand-written one.
 - ``hand+loss``: the hand loop that also records ``f(x_{k+1})`` at every step (what ``descent.run``
@@ -132,35 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         compiled[name], compile_s[name] = compile_timed(fn, w0)
 
     # descent.run compiles on its first call (cached afterwards): that call's compile_time is reported.
-    def run_engine(chunk):
-        return descent.run(f, w0, strat, opt, key=jax.random.key(0), num_steps=n, chunk_size=chunk)
-
-    engine_internal_run_s: dict[str, list[float]] = {
-        "descent.run": [],
-        "descent.run[chunk=1000]": [],
+    engines = {
+        "descent.run": {},
+        "descent.run[unroll=8]": {"unroll": 8},
+        "descent.run[monitor_every=10]": {"monitor_every": 10},
+        "descent.run[monitor_every=10,unroll=20]": {"monitor_every": 10, "unroll": 20},
     }
-    for name, chunk in (("descent.run", None), ("descent.run[chunk=1000]", n)):
+
+    def run_engine(options):
+        return descent.run(f, w0, strat, opt, key=jax.random.key(0), num_steps=n, **options)
+
+    engine_internal_run_s: dict[str, list[float]] = {name: [] for name in engines}
+    for name, options in engines.items():
         t0 = time.perf_counter()
-        h = run_engine(chunk)
+        h = run_engine(options)
         compile_s[name] = h.compile_time
         compile_s[name + " (first call, total)"] = time.perf_counter() - t0
 
     # Correctness: the engine and the hand loop reach the same point.
     w_hand = compiled["hand"](w0)
-    w_eng = run_engine(None).params
-    max_diff = float(jnp.max(jnp.abs(w_hand - w_eng)))
+    max_diff = max(
+        float(jnp.max(jnp.abs(w_hand - run_engine(options).params))) for options in engines.values()
+    )
 
-    def engine_call(name, chunk):
+    def engine_call(name, options):
         def call():
-            h = run_engine(chunk)
+            h = run_engine(options)
             engine_internal_run_s[name].append(h.run_time)
             return h.params
 
         return call
 
     calls = {
-        "descent.run": engine_call("descent.run", None),
-        "descent.run[chunk=1000]": engine_call("descent.run[chunk=1000]", n),
+        **{name: engine_call(name, options) for name, options in engines.items()},
         **{name: (lambda c=c: c(w0)) for name, c in compiled.items()},
     }
     samples = interleaved(calls, repeats=repeats, min_sample_s=0.0)

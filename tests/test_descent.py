@@ -114,6 +114,59 @@ def test_early_stop_trims_arrays_inside_a_chunk():
     np.testing.assert_allclose(float(p.loss(h.params)), h.loss[-1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 37])
+def test_unrolled_blocks_stop_exactly_where_single_steps_do(chunk_size):
+    # a block of 8 steps is speculative: a stop inside it is undone and replayed step by step
+    p = lsq(2)
+    one = gd(p, tol=TOL, num_steps=400, unroll=1, chunk_size=chunk_size)
+    blk = gd(p, tol=TOL, num_steps=400, unroll=8, chunk_size=chunk_size)
+    assert one.steps_to_tol is not None and one.steps_to_tol % 8 != 0  # the stop is inside a block
+    assert blk.steps_to_tol == one.steps_to_tol == blk.steps_run
+    np.testing.assert_allclose(blk.loss, one.loss, rtol=1e-12)
+    np.testing.assert_array_equal(blk.num_grads, one.num_grads)
+    np.testing.assert_allclose(blk.params, one.params, rtol=1e-12)
+    # no tolerance: all steps, the last < 8 of them by the step loop
+    a, b = gd(p, num_steps=301, unroll=1), gd(p, num_steps=301, unroll=8)
+    assert b.steps_run == 301 and b.loss.shape == (302,)
+    np.testing.assert_allclose(b.loss, a.loss, rtol=1e-12)
+    # a sampled strategy sees the same keys step by step
+    s1 = gd(p, local_sphere, step=1 / (10 * p.smoothness), num_steps=100, unroll=1)
+    s8 = gd(p, local_sphere, step=1 / (10 * p.smoothness), num_steps=100, unroll=8)
+    np.testing.assert_allclose(s8.loss, s1.loss, rtol=1e-10)
+
+
+def test_unrolled_blocks_detect_divergence_at_its_step():
+    p = lsq(3)
+    one = gd(p, step=3 / p.smoothness, num_steps=20000, unroll=1)
+    blk = gd(p, step=3 / p.smoothness, num_steps=20000, unroll=8)
+    assert blk.diverged and blk.diverged_step == one.diverged_step == blk.steps_run
+
+
+@pytest.mark.parametrize("unroll", [1, 20])
+def test_monitor_every_records_every_kth_step(unroll):
+    p = lsq(2)
+    full = gd(p, num_steps=95, unroll=1)
+    h = gd(p, num_steps=95, monitor_every=10, unroll=unroll)
+    np.testing.assert_array_equal(h.steps, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95])
+    np.testing.assert_allclose(h.loss, full.loss[h.steps], rtol=1e-12)
+    np.testing.assert_array_equal(h.num_grads, h.steps)
+    assert h.steps_run == 95 and np.array_equal(full.steps, np.arange(96))
+    # the stop is tested on recorded steps only: the first multiple of 10 at or past the exact stop
+    exact = gd(p, tol=TOL, num_steps=400)
+    t = gd(p, tol=TOL, num_steps=400, monitor_every=10, unroll=unroll)
+    assert t.steps_to_tol == t.steps_run == -(-exact.steps_to_tol // 10) * 10 == t.steps[-1]
+    assert t.fun_evals_to_tol == t.num_fun_evals[-1] and t.relative_gap[-1] <= TOL
+    np.testing.assert_allclose(float(p.loss(t.params)), t.loss[-1], rtol=1e-12)
+
+
+def test_error_monitor_every_and_unroll():
+    p = lsq(1)
+    with pytest.raises(OptionError, match="monitor_every"):
+        gd(p, num_steps=10, monitor_every=0)
+    with pytest.raises(OptionError, match="unroll"):
+        gd(p, num_steps=10, unroll=-2)
+
+
 def test_num_steps_limit_without_tol():
     p = lsq(1)
     h = gd(p, num_steps=300, chunk_size=128)  # 3 chunks, the last one partly used
