@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?= -n 2
 
-EXPERIMENTS ?= quickstart zo_vs_gd fd_cost gradcheck mds remat admodes
+EXPERIMENTS ?= quickstart zo_vs_gd fd_cost gradcheck mds remat admodes curvature_mlp
 
 .PHONY: demo test test-slow lint format bench clean venv experiments
 

@@ -2,7 +2,7 @@
 the published numbers of the lecture notes, the Schwarz counterexample, solutions and constants.
 
 The registry-wide contracts (every problem × seeds × dtypes) live in test_problems.py; this file holds
-what is specific to these eight problems. Their ``loss``/``grad``/``hvp`` are ``jax.tree_util.Partial``
+what is specific to these nine problems. Their ``loss``/``grad``/``hvp`` are ``jax.tree_util.Partial``
 pytrees, so the oracles below take them as arguments of jitted functions and compile once per problem
 and shape, not once per seed.
 """
@@ -20,10 +20,16 @@ from gradlab import problems
 from gradlab._validate import OptionError
 from gradlab.problems._worked import schwarz_mixed_partials
 
-LEARNING = ["softmax_cross_entropy", "logistic_regression", "multiclass_svm", "mlp"]
+LEARNING = [
+    "softmax_cross_entropy",
+    "logistic_regression",
+    "multiclass_svm",
+    "mlp",
+    "mlp_classifier",
+]
 WORKED = ["toy_graph", "sigmoid_neuron", "forward_mode_example", "schwarz"]
 NAMES = LEARNING + WORKED
-DICT_PARAMS = ["softmax_cross_entropy", "mlp", "toy_graph", "sigmoid_neuron"]
+DICT_PARAMS = ["softmax_cross_entropy", "mlp", "mlp_classifier", "toy_graph", "sigmoid_neuron"]
 ANALYTIC = ["mlp", "toy_graph", "sigmoid_neuron", "forward_mode_example"]
 
 _CACHE: dict = {}
@@ -223,6 +229,59 @@ def test_mlp_teacher_attains_zero_and_noise_removes_the_known_minimum():
     assert q.min_value is None and evaluate(q, q.data["teacher"])[0] > 0
 
 
+def _mlpc_forward_numpy(p, x):
+    """The classifier's forward pass in float64 NumPy, independent of JAX: (A1, Z2, softmax(Z2))."""
+    x = {k: np.asarray(v, np.float64) for k, v in x.items()}
+    A1 = np.tanh(np.asarray(p.data["X"]) @ x["W1"] + x["b1"])
+    Z2 = A1 @ x["W2"] + x["b2"]
+    E = np.exp(Z2 - Z2.max(axis=1, keepdims=True))
+    return A1, Z2, E / E.sum(axis=1, keepdims=True)
+
+
+def test_mlp_classifier_output_error_is_softmax_minus_labels(key):
+    p = build("mlp_classifier")
+    x = p.random_point(jax.random.fold_in(key, 3))
+    A1, _, P = _mlpc_forward_numpy(p, x)
+    Y, n = np.asarray(p.data["Y"]), p.options["num_samples"]
+    G = (P - Y) / n  # BP1 at the logits: no softmax-derivative factor
+    loss, grad, reference = evaluate(p, x)
+    np.testing.assert_allclose(loss, -np.sum(Y * np.log(P)) / n, rtol=1e-13)
+    for g in (grad, reference):
+        np.testing.assert_allclose(g["b2"], G.sum(axis=0), rtol=1e-11, atol=1e-15)
+        np.testing.assert_allclose(g["W2"], A1.T @ G, rtol=1e-11, atol=1e-15)
+        D1 = (G @ np.asarray(x["W2"]).T) * (1 - A1 * A1)
+        np.testing.assert_allclose(g["W1"], np.asarray(p.data["X"]).T @ D1, rtol=1e-11, atol=1e-15)
+
+
+def test_mlp_classifier_at_zero_and_weight_decay(key):
+    p = build("mlp_classifier", num_classes=4)
+    zero = jax.tree.map(jnp.zeros_like, p.init)
+    loss, grad, _ = evaluate(p, zero)
+    np.testing.assert_allclose(loss, math.log(4), rtol=1e-14)
+    for part in ("W1", "b1", "W2"):  # A1 = 0 and W2 = 0: only the output bias moves
+        np.testing.assert_array_equal(grad[part], 0.0)
+    np.testing.assert_allclose(grad["b2"], np.mean(0.25 - np.asarray(p.data["Y"]), axis=0))
+    q = build("mlp_classifier", num_classes=4, l2=0.3)
+    x = p.random_point(key)
+    (f0, g0, _), (f1, g1, _) = evaluate(p, x), evaluate(q, x)
+    np.testing.assert_allclose(f1 - f0, 0.15 * float(flat(x) @ flat(x)), rtol=1e-12)
+    np.testing.assert_allclose(flat(g1) - flat(g0), 0.3 * flat(x), rtol=1e-10, atol=1e-15)
+
+
+def test_mlp_classifier_labels_follow_the_teacher_and_hessian_is_indefinite(key):
+    p = build("mlp_classifier", noise=0.0)
+    labels, Y = np.asarray(p.data["labels"]), np.asarray(p.data["Y"])
+    np.testing.assert_array_equal(Y, np.eye(3)[labels])
+    assert np.bincount(labels, minlength=3).min() > 0
+    _, F, _ = _mlpc_forward_numpy(p, p.data["teacher"])  # noiseless: the centred teacher's argmax
+    np.testing.assert_array_equal(labels, np.argmax(F - F.mean(axis=0), axis=1))
+    noisy = np.asarray(build("mlp_classifier").data["labels"])  # same key, same X and teacher
+    assert 0.5 < np.mean(noisy == labels) < 1.0
+    _, _, _, H = oracles(p.loss, p.grad, p.hvp, p.init, normal_like(p.init, 0))
+    eig = np.linalg.eigvalsh(np.asarray(H))
+    assert eig.min() < -1e-3 < 1e-3 < eig.max()  # a non-convex loss: negative curvature at init
+
+
 @pytest.mark.parametrize("name", LEARNING)
 def test_instances_depend_on_the_key_only_through_the_draws(name):
     a, b, c = build(name, 1), problems.make(name, jax.random.key(1)), build(name, 2)
@@ -390,6 +449,9 @@ def test_float32_builds(name):
         ("mlp", {"in_dim": True}, "in_dim"),
         ("mlp", {"noise": -0.1}, "noise"),
         ("mlp", {"dtype": "int32"}, "dtype"),
+        ("mlp_classifier", {"num_classes": 1}, "num_classes"),
+        ("mlp_classifier", {"l2": -1.0}, "l2"),
+        ("mlp_classifier", {"noise": float("inf")}, "noise"),
         ("toy_graph", {"dtype": "complex64"}, "dtype"),
         ("schwarz", {"x": 1.0}, "x"),
     ],

@@ -1,10 +1,10 @@
-"""Learning losses of the catalog: softmax cross-entropy, logistic regression, multiclass SVM, an MLP.
+"""Learning losses of the catalog: softmax cross-entropy, logistic regression, multiclass SVM, two MLPs.
 
 Every gradient here is written by hand: by differentials for the three linear models (write
-``dL = ⟨G, dW⟩`` and read off ``G``), and by the four backpropagation equations for the MLP. The tests
+``dL = ⟨G, dW⟩`` and read off ``G``), and by the four backpropagation equations for the two MLPs. The tests
 hold each one against ``jax.grad`` and each HVP against the dense ``jax.hessian``.
 
-Conventions shared by the four problems: data rows are samples (``X`` is ``n × d``), losses are means
+Conventions shared by the five problems: data rows are samples (``X`` is ``n × d``), losses are means
 over the samples, and the random instance is drawn from a random "teacher" model so that the labels
 carry signal.
 
@@ -736,5 +736,190 @@ def mlp(
         description="L = (1/2n)‖tanh(XW1 + b1)W2 + b2 − Y‖_F²",
         reference="Rumelhart, Hinton & Williams (1986); Nielsen (2015) ch. 2; Pearlmutter (1994)",
         analytic=True,
+        smooth=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP classifier
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _mlpc_data(key: Any, n: int, di: int, h: int, c: int, dt: Any, noise: Any):
+    """Inputs, a teacher network, its noisy argmax labels and a small random init."""
+    net = ((di, h), (h,), (h, c), (c,))
+    z = _normal_parts(key, ((n, di), (n, c), *net, *net), dt)
+    X, teacher = z[0], _mlp_scale(z[2:6], bias=0.5)
+    teacher["W2"] = 2.0 * teacher["W2"]  # W2* ~ N(0, 4/h): logits of order 1, labels carry signal
+    teacher["b2"] = jnp.zeros_like(teacher["b2"])
+    F = _mlp_forward(teacher, X)[1]
+    F = F - jnp.mean(F, axis=0, keepdims=True)  # centred over the samples: no class left empty
+    labels = jnp.argmax(F + noise * z[1], axis=1)
+    return X, labels, jax.nn.one_hot(labels, c, dtype=dt), teacher, _mlp_scale(z[6:10], bias=0.0)
+
+
+def _sq_norm(p) -> jax.Array:
+    return sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(p))
+
+
+@jax.jit
+def _mlpc_loss(p, X, Y, l2):
+    ce = -jnp.sum(Y * _log_softmax(_mlp_forward(p, X)[1])) / X.shape[0]
+    return ce + 0.5 * l2 * _sq_norm(p)
+
+
+@jax.jit
+def _mlpc_grad(p, X, Y, l2):
+    A1, Z2 = _mlp_forward(p, X)
+    D2 = (jnp.exp(_log_softmax(Z2)) - Y) / X.shape[0]  # BP1: softmax with cross-entropy, (P − Y)/n
+    D1 = (D2 @ p["W2"].T) * (1 - A1 * A1)  # BP2
+    g = {
+        "W1": X.T @ D1,  # BP4
+        "b1": jnp.sum(D1, axis=0),  # BP3
+        "W2": A1.T @ D2,
+        "b2": jnp.sum(D2, axis=0),
+    }
+    return jax.tree.map(lambda gi, pi: gi + l2 * pi, g, p)
+
+
+@jax.jit
+def _mlpc_hvp(p, v, X, Y, l2):
+    n = X.shape[0]
+    A1, Z2 = _mlp_forward(p, X)
+    P = jnp.exp(_log_softmax(Z2))
+    T = 1 - A1 * A1
+    D2 = (P - Y) / n
+    RA1 = T * (X @ v["W1"] + v["b1"][None, :])
+    RZ2 = RA1 @ p["W2"] + A1 @ v["W2"] + v["b2"][None, :]
+    RD2 = (P * RZ2 - P * jnp.sum(P * RZ2, axis=1, keepdims=True)) / n  # softmax Jacobian
+    RD1 = (RD2 @ p["W2"].T + D2 @ v["W2"].T) * T - 2 * (D2 @ p["W2"].T) * A1 * RA1
+    hv = {
+        "W1": X.T @ RD1,
+        "b1": jnp.sum(RD1, axis=0),
+        "W2": RA1.T @ D2 + A1.T @ RD2,
+        "b2": jnp.sum(RD2, axis=0),
+    }
+    return jax.tree.map(lambda hi, vi: hi + l2 * vi, hv, v)
+
+
+@register("mlp_classifier")
+def mlp_classifier(
+    key: Any,
+    /,
+    *,
+    in_dim: int = 2,
+    hidden: int = 16,
+    num_classes: int = 3,
+    num_samples: int = 100,
+    noise: float = 0.5,
+    l2: float = 0.0,
+    dtype: Any = None,
+) -> Problem:
+    """One-hidden-layer tanh MLP classifier: softmax cross-entropy, gradient by backpropagation.
+
+    Parameters ``{"W1": in × h, "b1": h, "W2": h × c, "b2": c}``; data ``X`` (``n × in``), one-hot
+    labels ``Y`` (``n × c``). Rows are samples::
+
+        Z1 = XW1 + 1b1ᵀ,  A1 = tanh(Z1),  Z2 = A1W2 + 1b2ᵀ,  P = softmax(Z2) (row-wise),
+        L = −(1/n) Σ_i ⟨y_i, log p_i⟩ + (l2/2)(‖W1‖² + ‖b1‖² + ‖W2‖² + ‖b2‖²)
+
+    The log-softmax is computed with the max shift ``z − max z`` so large logits do not overflow.
+
+    Gradient: the four backpropagation equations for a batch, with the output error of softmax with
+    cross-entropy. One sample's loss is ``lse(z_i) − ⟨y_i, z_i⟩`` (``Σ_k y_ik = 1``) and
+    ``d lse(z) = ⟨p, dz⟩``, so the error at the logits is ``p_i − y_i`` — no ``σ'`` factor:
+
+    - BP1, output error: ``Δ2 = (P − Y)/n``.
+    - BP2, hidden error: ``Δ1 = (Δ2 W2ᵀ) ⊙ (1 − A1²)`` (``tanh' = 1 − tanh²``).
+    - BP3, biases: ``∇b2 = Δ2ᵀ1``, ``∇b1 = Δ1ᵀ1``.
+    - BP4, weights: ``∇W2 = A1ᵀΔ2``, ``∇W1 = XᵀΔ1``;
+
+    plus ``l2`` times each parameter for the penalty.
+
+    Hessian-vector product: exact, by Pearlmutter's R-operator along ``V = (V_W1, v_b1, V_W2, v_b2)``,
+    as for ``mlp`` but through the softmax Jacobian ``dp = (diag(p) − ppᵀ) dz`` at the output::
+
+        R(Z1) = XV_W1 + 1v_b1ᵀ,   R(A1) = (1 − A1²) ⊙ R(Z1),
+        R(Z2) = R(A1)W2 + A1V_W2 + 1v_b2ᵀ,
+        R(Δ2) = (P ⊙ R(Z2) − P ⊙ (P ⊙ R(Z2))11ᵀ)/n     (row i: (diag(p_i) − p_ip_iᵀ) R(z_i)/n),
+        R(Δ1) = (R(Δ2)W2ᵀ + Δ2V_W2ᵀ) ⊙ (1 − A1²) − 2(Δ2W2ᵀ) ⊙ A1 ⊙ R(A1),
+        Hv = (XᵀR(Δ1), R(Δ1)ᵀ1, R(A1)ᵀΔ2 + A1ᵀR(Δ2), R(Δ2)ᵀ1) + l2 V.
+
+    The terms without ``Δ2`` are the Gauss–Newton part (positive semi-definite); the terms with
+    ``Δ2`` are the network's own curvature times the output error, and give the Hessian its negative
+    eigenvalues (it is indefinite at initialisation and in general).
+
+    Instance: ``X_ij ~ N(0, 1)``; labels ``argmax_k (f*(x_i) + noise·ε_i)_k`` from a random tanh
+    teacher ``f*`` of the same shape (``W1* ~ N(0, 1/in)``, ``b1* ~ N(0, ¼)``, ``W2* ~ N(0, 4/h)``,
+    ``b2* = 0``), its logits centred over the samples (so that no class is nearly empty), with
+    Gaussian logit noise ``ε_i ~ N(0, I)``: non-linear class boundaries that a linear softmax cannot
+    fit. ``data`` holds ``X``, ``Y``, the integer ``labels`` and the ``teacher``. ``init`` is a
+    random network with ``W ~ N(0, 1/fan_in)`` and zero biases (as ``mlp``). The loss is not convex
+    and its infimum is not known (it is 0, not attained, on separable data with ``l2 = 0``):
+    ``solution``, ``min_value``, ``smoothness`` and ``strong_convexity`` are ``None``.
+
+    Options:
+      in_dim: input dimension.
+      hidden: hidden width ``h``.
+      num_classes: number of classes ``c`` (≥ 2).
+      num_samples: number of samples ``n``.
+      noise: standard deviation of the teacher's logit noise (≥ 0; 0: noiseless labels).
+      l2: weight decay on every parameter (≥ 0).
+      dtype: floating dtype (``None``: JAX's default float).
+
+    Reference: Rumelhart, Hinton & Williams (1986); Nielsen, *Neural Networks and Deep Learning*
+    (2015), ch. 2 and 3 (the four equations; softmax with cross-entropy has output error
+    ``a − y``); Bishop (2006), *PRML* §5.3 and §5.4.6; Pearlmutter (1994) for the R-operator.
+
+    >>> import jax
+    >>> from gradlab import problems
+    >>> p = problems.make("mlp_classifier", jax.random.key(0), hidden=8, num_classes=3)
+    >>> {k: v.shape for k, v in sorted(p.grad(p.init).items())}
+    {'W1': (2, 8), 'W2': (8, 3), 'b1': (8,), 'b2': (3,)}
+    >>> p.data["Y"].shape, sorted(set(p.data["labels"].tolist()))
+    ((100, 3), [0, 1, 2])
+    >>> z = jax.tree.map(jax.numpy.zeros_like, p.init)
+    >>> round(float(p.loss(z)), 6)  # zero logits: log 3
+    1.098612
+    """
+    di = check_positive_int("in_dim", in_dim)
+    h = check_positive_int("hidden", hidden)
+    c = check_positive_int("num_classes", num_classes, minimum=2)
+    n = check_positive_int("num_samples", num_samples)
+    noise = _check_nonnegative("noise", noise)
+    l2 = _check_nonnegative("l2", l2)
+    dt = resolve_dtype(dtype)
+
+    X, labels, Y, teacher, init = _mlpc_data(key, n, di, h, c, dt, noise)
+    data = {"X": X, "Y": Y, "l2": l2}
+
+    def random_point(k):
+        return _mlp_scale(_normal_parts(k, ((di, h), (h,), (h, c), (c,)), dt), bias=1.0)
+
+    return Problem(
+        name="mlp_classifier",
+        loss=Partial(_mlpc_loss, **data),
+        grad=Partial(_mlpc_grad, **data),
+        hvp=Partial(_mlpc_hvp, **data),
+        init=init,
+        solution=None,
+        min_value=None,
+        smoothness=None,
+        strong_convexity=None,
+        random_point=random_point,
+        data={"X": X, "Y": Y, "labels": labels, "teacher": teacher},
+        options={
+            "in_dim": di,
+            "hidden": h,
+            "num_classes": c,
+            "num_samples": n,
+            "noise": noise,
+            "l2": l2,
+            "dtype": dt.name,
+        },
+        description="L = mean_i −⟨y_i, log softmax(tanh(x_iᵀW1 + b1)W2 + b2)⟩ + (l2/2)‖θ‖²",
+        reference="Rumelhart, Hinton & Williams (1986); Nielsen (2015) ch. 2–3; Pearlmutter (1994)",
+        analytic=False,  # the max shift of the log-softmax is not complex-safe
         smooth=True,
     )
