@@ -23,7 +23,18 @@ solves the recursion ``T(l, s) = min_m [m + T(l−m, s−1) + T(m, s)]`` (advanc
 reverse the rest with one snapshot less, then the first ``m`` with all of them) by dynamic programming;
 ``model="revolve"`` reproduces Revolve's bound exactly, and the default ``model="chain"`` also lets a run of
 ``k`` layers be taped at once when ``c·(k−1)`` snapshots' worth of memory is free, which on a chain is never
-worse (with ``c = 1`` it reverses ``C(s+t+1, s)`` steps with ``t`` repetitions).
+worse (with ``c = 1`` it reverses ``C(s+t+1, s)`` steps with ``t`` repetitions); calibrated, when the run's
+tape and working buffers fit the memory of ``s`` snapshots beyond one layer's reversal.
+
+**Memory model.** Reverse mode keeps, per taped layer, the residuals JAX saves (``c`` activations), plus
+working buffers. :func:`calibrate` reads both from compiled memory analyses of plain backprop on 1–3 layers
+(``c`` = the slope in ``L``, ``working`` = the rest, ``single`` = one layer reversed alone, whose tape XLA
+fuses away); :func:`plan` with ``calibration=`` then predicts every strategy's memory (temp + output
+bytes of ``memory_analysis()`` on the tanh chain, width 128, batch 4096: within 19% at L = 8, 6% at
+L = 128). **Cheaper tapes**: JAX's tape of ``tanh(x W + b)`` is ``x``, ``tanh`` and ``1 − tanh``
+(``c = 3``); with ``layer_vjp=(p, x, y, ct) -> (dp, dx)``, the layer's VJP from its input and output (for
+tanh: ``dz = ct·(1 − y²)``, ``dW = xᵀdz``, ``dx = dz Wᵀ``), ``none``, ``recursive`` and ``binomial`` tape
+one state per layer (``c = 1``, as Revolve assumes) with no extra matmul.
 
 **Why scans.** XLA on CPU undoes ``jax.checkpoint`` on unrolled code: once the optimization barriers are
 expanded its CSE pass merges the recomputation into the forward pass (FLOPs equal plain, memory can get
@@ -87,10 +98,12 @@ from gradlab._validate import (
 )
 
 __all__ = [
+    "Calibration",
     "Measurement",
     "Plan",
     "Split",
     "Tape",
+    "calibrate",
     "hlo_flops",
     "measure",
     "names",
@@ -123,12 +136,18 @@ _NAMED_POLICIES: dict[str, Any] = {
 }
 _SCHEDULES = ("none", "per_layer", "every_k", "sqrt", "recursive", "binomial")
 _OPTIONS: dict[str, dict[str, Any]] = {
-    "none": {},
+    "none": {"layer_vjp": None},
     "per_layer": {},
     "every_k": {"k": None},
     "sqrt": {},
-    "recursive": {},
-    "binomial": {"snapshots": None, "model": "chain", "tape_cost": None},
+    "recursive": {"layer_vjp": None},
+    "binomial": {
+        "snapshots": None,
+        "model": "chain",
+        "tape_cost": None,
+        "calibration": None,
+        "layer_vjp": None,
+    },
     **{n: {} for n in _POLICIES},
     **{n: {"names": None} for n in _NAMED_POLICIES},
 }
@@ -196,10 +215,15 @@ class Split(NamedTuple):
 class Plan(NamedTuple):
     """A remat schedule with its predicted costs (units: one layer evaluation, one activation).
 
-    ``peak_activations`` counts stored activations (snapshots + tapes; not the input, the output, the
-    parameter gradients or the cotangent in flight); ``forward_evals`` counts every layer evaluation in one
-    forward + backward (``L`` for vanilla); ``flops_ratio = (forward_evals + 2L) / 3L`` counts a backward
-    layer as two forward layers; ``memory_ratio`` is ``peak_activations / (tape_cost · L)`` (÷ vanilla).
+    ``peak_activations`` is the predicted peak of activation memory: the stored activations (snapshots +
+    the tape being reversed) plus, when the plan is calibrated (``working``, ``single``; see
+    :func:`calibrate`), the working buffers of the reversal — not the input, the parameters or the
+    gradient outputs. Uncalibrated (the default) it counts stored activations only, as Revolve does.
+    ``forward_evals`` counts every layer evaluation in one forward + backward (``L`` for vanilla);
+    ``flops_ratio = (forward_evals + 2L) / 3L`` counts a backward layer as two forward layers;
+    ``memory_ratio`` is ``peak_activations`` ÷ vanilla's (``tape_cost · L + working``); ``peak_bytes`` is
+    ``peak_activations × activation_bytes`` (predicted temporary memory: add the gradient outputs' bytes to
+    compare with :func:`measure`'s ``memory_bytes``).
     """
 
     strategy: str
@@ -214,6 +238,25 @@ class Plan(NamedTuple):
     flops_ratio: float
     memory_ratio: float
     peak_bytes: float | None
+    working: float = 0.0
+    single: float | None = None
+
+
+class Calibration(NamedTuple):
+    """The memory model of one layer, from compiled memory analyses of plain backprop (:func:`calibrate`).
+
+    Units are activations (``activation_bytes``, the bytes of one layer output). ``tape_cost``: activations
+    per taped layer (the slope of plain backprop's temporaries in ``L``); ``working``: plain backprop's
+    temporaries beyond ``tape_cost · L`` (the state and cotangent in flight, loop buffers), which the
+    reversal of any multi-layer tape needs too; ``single``: the temporaries of reversing one layer on its
+    own (no scan, so XLA fuses its tape away: the layer's input and cotangent, about 2 for a tanh layer).
+    Pass it to :func:`plan` as ``calibration=``.
+    """
+
+    tape_cost: float
+    working: float
+    single: float
+    activation_bytes: int
 
 
 def revolve_capacity(snapshots: int, repeats: int) -> int:
@@ -244,17 +287,28 @@ def revolve_advances(num_steps: int, snapshots: int) -> int:
     return t * l - math.comb(s + t, t - 1) if t > 0 else 0
 
 
-def _dp(num_layers: int, snapshots: int, tape_cost: float, model: str):
+def _tape_peak(l: int, c: float, working: float, single: float | None) -> float:
+    """Activations held while a run of ``l`` layers is taped and reversed (residuals + working buffers)."""
+    if l == 1 and single is not None:
+        return single
+    return c * l + working
+
+
+def _dp(num_layers: int, snapshots: int, tape_cost: float, model: str, working=0.0, single=None):
     """Tables ``cost[s, l]`` (evaluations), ``peak[s, l]`` and the split ``arg[s, l]`` (0 = tape the run)."""
     inf = np.iinfo(np.int64).max // 4
     L, S = num_layers, snapshots
+    floor = _tape_peak(1, tape_cost, working, single)
     cost = np.full((S + 1, L + 1), inf, dtype=np.int64)
     peak = np.full((S + 1, L + 1), np.inf)
     arg = np.zeros((S + 1, L + 1), dtype=np.int64)
     for s in range(S + 1):
         for l in range(1, L + 1):
-            if (l == 1 or model == "chain") and tape_cost * (l - 1) <= s + 1e-9:
-                cost[s, l], peak[s, l] = l, tape_cost * l
+            # a run is taped at once when its tape fits the memory of s snapshots beyond one layer's
+            # reversal (uncalibrated: c·(l − 1) ≤ s)
+            tp = _tape_peak(l, tape_cost, working, single)
+            if (l == 1 or model == "chain") and tp <= s + floor + 1e-9:
+                cost[s, l], peak[s, l] = l, tp
                 continue
             if s == 0:
                 continue
@@ -288,14 +342,15 @@ def _recursive_tree(start: int, stop: int):
     return Split(start, mid, stop, _recursive_tree(start, mid), _recursive_tree(mid, stop))
 
 
-def _tree_costs(tree, tape_cost: float, num_layers: int):
+def _tree_costs(tree, tape_cost: float, num_layers: int, working=0.0, single=None):
     """(evaluations, peak activations, evaluations per layer) of a schedule tree."""
     counts = np.zeros(num_layers, dtype=np.int64)
 
     def walk(node):
         if isinstance(node, Tape):
             counts[node.start : node.stop] += 1
-            return node.stop - node.start, tape_cost * (node.stop - node.start)
+            l = node.stop - node.start
+            return l, _tape_peak(l, tape_cost, working, single)
         counts[node.start : node.mid] += 1
         er, pr = walk(node.right)
         el, pl = walk(node.left)
@@ -318,9 +373,12 @@ def plan(
     snapshots: int | None = None,
     memory_budget: float | None = None,
     activation_bytes: float | None = None,
-    tape_cost: float = 1.0,
+    tape_cost: float | None = None,
     k: int | None = None,
     model: str = "chain",
+    working: float | None = None,
+    single: float | None = None,
+    calibration: Calibration | None = None,
 ) -> Plan:
     """The schedule of ``strategy`` for ``num_layers`` layers, with predicted peak memory and evaluations.
 
@@ -328,25 +386,49 @@ def plan(
     programming over ``T(l, s) = min_m [m + T(l−m, s−1) + T(m, s)]``; Revolve's bound is met exactly with
     ``model="revolve"``). With ``memory_budget`` (bytes) and ``activation_bytes`` (bytes of one layer output)
     instead, it returns the cheapest schedule — over ``none``, ``per_layer``, ``every_k`` (all ``k``),
-    ``sqrt``, ``recursive`` and ``binomial`` — whose predicted peak fits the budget. ``tape_cost`` is the
-    memory of one layer's tape in activations (measure it with :func:`tape_cost`). Other strategies
+    ``sqrt``, ``recursive`` and ``binomial`` — whose predicted peak fits the budget. Other strategies
     (``none``, ``per_layer``, ``every_k`` with ``k=``, ``sqrt``, ``recursive``) return their own predictions.
+
+    The memory model, in activations: a snapshot holds 1; a run of ``l ≥ 2`` layers taped and reversed holds
+    ``tape_cost · l + working``; one layer reversed alone holds ``single`` (its tape is fused away). Peaks:
+    ``none`` ``c·L + w``; ``per_layer`` ``L + w`` (``L + c`` uncalibrated); ``every_k`` ``L/k + c·k + w``;
+    ``recursive`` / ``binomial`` the largest (snapshots held + tape) over the schedule. ``tape_cost``
+    (default 1) comes from :func:`tape_cost` (JAX's residuals) or, with the working buffers, from
+    :func:`calibrate` (pass ``calibration=``, which also sets ``activation_bytes``). Uncalibrated
+    (``working=None``) the peak counts stored activations only, as Revolve does.
 
     >>> p = plan(8, snapshots=2)
     >>> p.forward_evals, p.peak_activations, p.max_evals_per_layer
     (18, 3.0, 3)
     >>> plan(128, strategy="sqrt", tape_cost=3).memory_ratio < 0.2
     True
+    >>> cal = Calibration(tape_cost=3.0, working=3.0, single=2.0, activation_bytes=2**21)
+    >>> plan(64, snapshots=1, calibration=cal).peak_activations  # memory-poor: 1 snapshot + 1 layer
+    3.0
     >>> plan(0)
     Traceback (most recent call last):
     ...
     gradlab._validate.OptionError: num_layers: expected an integer ≥ 1, got 0.
     """
     L = check_positive_int("num_layers", num_layers)
-    c = check_positive("tape_cost", tape_cost)
+    if calibration is not None:
+        given = {"tape_cost": tape_cost, "working": working, "single": single}
+        clash = [n for n, v in given.items() if v is not None]
+        if activation_bytes is not None:
+            clash.append("activation_bytes")
+        if clash:
+            raise OptionError(
+                f"calibration: it sets tape_cost, working, single and activation_bytes; drop "
+                f"{', '.join(f'{n}=' for n in clash)} or the calibration."
+            )
+        tape_cost, working, single = calibration.tape_cost, calibration.working, calibration.single
+        activation_bytes = calibration.activation_bytes
+    c = check_positive("tape_cost", 1.0 if tape_cost is None else tape_cost)
+    w = None if working is None else _check_nonnegative("working", working)
+    one = None if single is None else check_positive("single", single)
     check_choice("model", model, _MODELS)
     if memory_budget is not None:
-        return _plan_budget(L, memory_budget, activation_bytes, c, model)
+        return _plan_budget(L, memory_budget, activation_bytes, c, model, w, one)
     check_choice("strategy", strategy, _SCHEDULES)
     act = None if activation_bytes is None else check_positive("activation_bytes", activation_bytes)
     if strategy != "binomial" and snapshots is not None:
@@ -355,10 +437,13 @@ def plan(
         )
     if strategy != "every_k" and k is not None:
         raise OptionError(f"k: only strategy='every_k' takes k; got strategy={strategy!r}.")
+    wk = 0.0 if w is None else w
+    make = partial(_make_plan, L=L, c=c, act=act, working=wk, single=one)
     if strategy == "none":
-        return _make_plan("none", L, Tape(0, L), None, c, c * L, L, np.ones(L, int), act)
+        return make("none", Tape(0, L), None, _tape_peak(L, c, wk, one), L, np.ones(L, int))
     if strategy == "per_layer":
-        return _make_plan("per_layer", L, None, None, c, L + c, 2 * L, np.full(L, 2), act)
+        # L stored inputs; the backward loop recomputes and reverses one layer at a time
+        return make("per_layer", None, None, L + (c if w is None else wk), 2 * L, np.full(L, 2))
     if strategy in ("every_k", "sqrt"):
         if strategy == "sqrt":
             k = _sqrt_k(L)
@@ -373,27 +458,37 @@ def plan(
             )
         n, r = divmod(L, k)
         counts = np.concatenate([np.full(n * k, 2), np.ones(r, int)]).astype(np.int64)
-        peak = n + c * k
-        out = _make_plan(strategy, L, (k, n, r), None, c, peak, int(counts.sum()), counts, act)
-        return out
+        seg = c * k + wk if (k > 1 or w is None) else wk  # k = 1 is per_layer's loop
+        return make(strategy, (k, n, r), None, n + seg, int(counts.sum()), counts)
     if strategy == "recursive":
         tree = _recursive_tree(0, L)
-        evals, peak, counts = _tree_costs(tree, c, L)
-        return _make_plan("recursive", L, tree, None, c, peak, evals, counts, act)
+        evals, peak, counts = _tree_costs(tree, c, L, wk, one)
+        return make("recursive", tree, None, peak, evals, counts)
     # binomial
-    full = math.ceil(c * (L - 1) - 1e-9) if model == "chain" else L - 1
-    if snapshots is None:
-        ref = plan(L, strategy="sqrt", tape_cost=c)
-        snapshots = max(1, round(ref.peak_activations - c))
+    floor = _tape_peak(1, c, wk, one)
+    full = math.ceil(_tape_peak(L, c, wk, one) - floor - 1e-9) if model == "chain" else L - 1
+    if snapshots is None:  # about the memory of sqrt
+        ref = plan(L, strategy="sqrt", tape_cost=c, working=w, single=one)
+        snapshots = max(1, round(ref.peak_activations - floor))
     s = check_positive_int("snapshots", snapshots)
     s_eff = min(s, max(full, 1))
-    _, _, arg = _dp(L, s_eff, c, model)
+    _, _, arg = _dp(L, s_eff, c, model, wk, one)
     tree = _build(arg, s_eff, 0, L)
-    evals, peak, counts = _tree_costs(tree, c, L)
-    return _make_plan("binomial", L, tree, s, c, peak, evals, counts, act)
+    evals, peak, counts = _tree_costs(tree, c, L, wk, one)
+    return make("binomial", tree, s, peak, evals, counts)
 
 
-def _make_plan(strategy, L, schedule, snapshots, c, peak, evals, counts, act) -> Plan:
+def _check_nonnegative(argument: str, value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{argument}: expected a number ≥ 0, got {value!r}.") from None
+    if not (0 <= x < float("inf")):
+        raise OptionError(f"{argument}: expected a finite number ≥ 0, got {value!r}.")
+    return x
+
+
+def _make_plan(strategy, schedule, snapshots, peak, evals, counts, *, L, c, act, working, single):
     return Plan(
         strategy=strategy,
         num_layers=L,
@@ -405,12 +500,14 @@ def _make_plan(strategy, L, schedule, snapshots, c, peak, evals, counts, act) ->
         recomputations=int(evals - L),
         max_evals_per_layer=int(np.max(counts)) if counts is not None else 0,
         flops_ratio=(evals + 2 * L) / (3 * L),
-        memory_ratio=float(peak) / (c * L),
+        memory_ratio=float(peak) / _tape_peak(L, c, working, single),
         peak_bytes=None if act is None else float(peak) * act,
+        working=working,
+        single=single,
     )
 
 
-def _plan_budget(L, budget, act, c, model) -> Plan:
+def _plan_budget(L, budget, act, c, model, w, one) -> Plan:
     budget = check_positive("memory_budget", budget)
     if act is None:
         raise OptionError(
@@ -419,19 +516,20 @@ def _plan_budget(L, budget, act, c, model) -> Plan:
         )
     act = check_positive("activation_bytes", act)
     units = budget / act
-    if units < c:
+    least = _tape_peak(1, c, 0.0 if w is None else w, one)
+    if units < least:
         raise OptionError(
             f"memory_budget: {budget:g} bytes hold {units:.3g} activations, less than one layer's tape "
-            f"(tape_cost = {c:g} activations of {act:g} bytes = {c * act:g} bytes). Pass a budget ≥ "
-            f"{c * act:g} bytes."
+            f"({least:g} activations of {act:g} bytes = {least * act:g} bytes). Pass a budget ≥ "
+            f"{least * act:g} bytes."
         )
-    candidates = [
-        plan(L, strategy=name, tape_cost=c) for name in ("none", "per_layer", "sqrt", "recursive")
-    ]
-    candidates += [plan(L, strategy="every_k", k=k, tape_cost=c) for k in range(1, L + 1)]
-    s = math.floor(units - c + 1e-9)
+    kw = {"tape_cost": c, "working": w, "single": one}
+    candidates = [plan(L, strategy=n, **kw) for n in ("none", "per_layer", "sqrt", "recursive")]
+    candidates += [plan(L, strategy="every_k", k=k, **kw) for k in range(1, L + 1)]
+    # binomial: the schedule for s snapshots peaks at most at s + one layer's reversal
+    s = math.floor(units - least + 1e-9)
     if s >= 1:
-        candidates.append(plan(L, snapshots=s, tape_cost=c, model=model))
+        candidates.append(plan(L, snapshots=s, model=model, **kw))
     fits = [p for p in candidates if p.peak_activations <= units + 1e-9]
     if not fits:
         raise OptionError(
@@ -527,13 +625,56 @@ def _advance(layer, params, x, lo: int, hi: int):
     """The primal chain over layers ``lo … hi−1``, reading the layer parameters in place (no slice copy)."""
 
     def body(c, i):
-        p = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), params)
-        return layer(p, c), None
+        return layer(_index(params, i), c), None
 
     return lax.scan(body, x, jnp.arange(lo, hi))[0]
 
 
-def _execute(layer, params, x, tree):
+def _index(tree, i):
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _tapes(layer, layer_vjp):
+    """``(record, reverse)`` of a tape over layers ``lo … hi−1``: ``record(params, lo, hi, xs) -> (y, res)``
+    and ``reverse(params, lo, hi, res, ct) -> (parameter cotangents (hi−lo, …), cotangent of xs)``.
+
+    Without ``layer_vjp`` the tape is JAX's (``jax.vjp`` of the scan: the residuals JAX saves, ``tape_cost``
+    activations per layer). With ``layer_vjp(p, x, y, ct) -> (dp, dx)`` — the layer's VJP from its input
+    and output, no recomputation — the tape stores each layer's input once (the next layer's input is this
+    layer's output, so one activation per layer) and a reverse loop calls ``layer_vjp``."""
+    if layer_vjp is None:
+
+        def record(params, lo, hi, xs):
+            return jax.vjp(partial(_chain, layer), _slice(params, lo, hi), xs)
+
+        def reverse(params, lo, hi, res, ct):
+            return res(ct)
+
+        return record, reverse
+
+    def record(params, lo, hi, xs):
+        def body(c, i):
+            return layer(_index(params, i), c), c
+
+        y, inputs = lax.scan(body, xs, jnp.arange(lo, hi))
+        return y, (inputs, y)
+
+    def reverse(params, lo, hi, res, ct):
+        inputs, y = res
+
+        def body(carry, i):
+            ct, y = carry
+            x = _index(inputs, i - lo)
+            dp, dx = layer_vjp(_index(params, i), x, y, ct)
+            return (dx, x), dp
+
+        (ct, _), pieces = lax.scan(body, (ct, y), jnp.arange(lo, hi), reverse=True)
+        return pieces, ct
+
+    return record, reverse
+
+
+def _execute(layer, params, x, tree, layer_vjp=None):
     """Run a schedule tree with a custom VJP: advances and tapes are separate scans, as planned."""
     spine = []
     node = tree
@@ -541,9 +682,7 @@ def _execute(layer, params, x, tree):
         spine.append(node)
         node = node.right
     last = node
-
-    def tape(params, lo, hi, xs):
-        return jax.vjp(partial(_chain, layer), _slice(params, lo, hi), xs)
+    record, reverse_tape = _tapes(layer, layer_vjp)
 
     @jax.custom_vjp
     def run(params, x):
@@ -555,33 +694,48 @@ def _execute(layer, params, x, tree):
         for sp in spine:
             cur = _advance(layer, params, cur, sp.start, sp.mid)
             snaps.append(cur)
-        y, vjp_last = tape(params, last.start, last.stop, cur)
-        return y, (params, x, tuple(snaps), vjp_last)
+        y, res_last = record(params, last.start, last.stop, cur)
+        return y, (params, x, tuple(snaps), res_last)
 
     def bwd(res, ct):
-        params, x, snaps, vjp_last = res
+        params, x, snaps, res_last = res
         grads = jax.tree.map(jnp.zeros_like, params)
 
-        def reverse(node, xs, ct, grads):
-            zero = _zero_from(ct)
-            xs = _after(xs, zero)
-            if isinstance(node, Tape):
-                piece, ct = _fenced(
-                    zero, lambda xs, ct: tape(params, node.start, node.stop, xs)[1](ct), xs, ct
-                )
-                grads = jax.tree.map(
-                    lambda g, d: lax.dynamic_update_slice_in_dim(g, d, node.start, 0), grads, piece
-                )
-                return ct, grads
-            xm = _advance(layer, params, xs, node.start, node.mid)
-            ct, grads = reverse(node.right, xm, ct, grads)
-            return reverse(node.left, xs, ct, grads)
+        def put(grads, piece, start):
+            return jax.tree.map(
+                lambda g, d: lax.dynamic_update_slice_in_dim(g, d.astype(g.dtype), start, 0),
+                grads,
+                piece,
+            )
 
-        piece, ct = vjp_last(ct)
-        grads = jax.tree.map(
-            lambda g, d: lax.dynamic_update_slice_in_dim(g, d, last.start, 0), grads, piece
-        )
-        starts = (x, *snaps[:-1])
+        def taped(node):
+            def fn(xs, ct):
+                return reverse_tape(
+                    params, node.start, node.stop, record(params, node.start, node.stop, xs)[1], ct
+                )
+
+            return fn
+
+        def reverse(node, stored, ct, grads):
+            # ``stored`` is the state as stored (a snapshot, the input or an advance's output), never an
+            # earlier ``_after`` of it: a chain ``x + 0·ct₁[0] + 0·ct₂[0] + …`` down the left spine is
+            # fused by XLA into one kernel that reads every ct₁, ct₂, … and so keeps one cotangent alive
+            # per level (memory-poor backprop then held ~L activations instead of 1 + c).
+            zero = _zero_from(ct)
+            xs = _after(stored, zero)
+            if isinstance(node, Tape):
+                piece, ct = _fenced(zero, taped(node), xs, ct)
+                return ct, put(grads, piece, node.start)
+            # fenced too: an advance of one layer is a trip-count-1 loop that XLA unrolls, and the
+            # parameter slice it then reads would be hoisted to the start of the program (one slice per
+            # such advance alive at once: +0.02·L activations at width 128, batch 4096)
+            xm = _fenced(zero, lambda xs: _advance(layer, params, xs, node.start, node.mid), xs)
+            ct, grads = reverse(node.right, xm, ct, grads)
+            return reverse(node.left, stored, ct, grads)
+
+        piece, ct = reverse_tape(params, last.start, last.stop, res_last, ct)
+        grads = put(grads, piece, last.start)
+        starts = (x, *snaps)[: len(spine)]
         for sp, xs in zip(reversed(spine), reversed(starts), strict=True):
             ct, grads = reverse(sp.left, xs, ct, grads)
         return grads, ct
@@ -601,10 +755,14 @@ def scan_layers(
 
     - ``none``: plain ``lax.scan`` (vanilla backprop); ``per_layer``: ``jax.checkpoint`` on each layer;
     - ``every_k`` (``k=``) and ``sqrt``: an outer scan over segments whose body is a checkpointed inner scan;
-    - ``recursive`` and ``binomial`` (``snapshots=``, ``model=``, ``tape_cost=``): the schedule tree of
-      :func:`plan`, run by a ``custom_vjp`` whose advances and tapes are separate scans, each tape fenced in
-      a ``lax.cond`` so that XLA keeps the planned order (reverse mode only: ``jax.jvp`` through them is not
-      defined; parameters must be floating). ``tape_cost`` defaults to :func:`tape_cost` of the layer;
+    - ``recursive`` and ``binomial`` (``snapshots=``, ``model=``, ``tape_cost=``, ``calibration=``): the
+      schedule tree of :func:`plan`, run by a ``custom_vjp`` whose advances and tapes are separate scans,
+      each tape fenced in a ``lax.cond`` so that XLA keeps the planned order (reverse mode only: ``jax.jvp``
+      through them is not defined; parameters must be floating). ``tape_cost`` defaults to
+      :func:`tape_cost` of the layer (1 with ``layer_vjp``); with ``calibration=`` (:func:`calibrate`) the
+      schedule is the one :func:`plan` predicts with that calibration;
+    - ``layer_vjp=(p, x, y, ct) -> (dp, dx)`` (``none``, ``recursive``, ``binomial``): the layer's VJP from
+      its input ``x`` and output ``y``; tapes then store one state per layer instead of JAX's residuals;
     - a JAX named policy (``dots_saveable``, ``nothing_saveable``, ``save_only_these_names`` with
       ``names=``, …): ``jax.checkpoint(layer, policy=…)`` on each layer.
 
@@ -625,8 +783,17 @@ def scan_layers(
     check_choice("strategy", strategy, _OPTIONS)
     check_options(f"scan_layers(strategy={strategy!r})", options, _OPTIONS[strategy])
     L = _num_layers(params)
+    layer_vjp = options.get("layer_vjp")
+    if layer_vjp is not None and not callable(layer_vjp):
+        raise OptionError(
+            f"layer_vjp: expected a function (p, x, y, ct) -> (dp, dx), got {type(layer_vjp).__name__}."
+        )
     if strategy == "none":
-        return _chain(layer, params, x)
+        return (
+            _chain(layer, params, x)
+            if layer_vjp is None
+            else _execute(layer, params, x, Tape(0, L), layer_vjp)
+        )
     if strategy == "per_layer":
         return lax.scan(lambda c, p: (jax.checkpoint(layer)(p, c), None), x, params)[0]
     if strategy in _POLICIES or strategy in _NAMED_POLICIES:
@@ -643,16 +810,19 @@ def scan_layers(
     if strategy == "recursive":
         tree = _recursive_tree(0, L)
     else:
-        c = options.get("tape_cost")
-        if c is None:
-            c = tape_cost(layer, _slice(params, 0, 1), x)
+        cal, c = options.get("calibration"), options.get("tape_cost")
+        if cal is None and c is None:
+            c = 1.0 if layer_vjp is not None else tape_cost(layer, _slice(params, 0, 1), x)
         tree = plan(
-            L, snapshots=options.get("snapshots"), tape_cost=c, model=options.get("model", "chain")
-        )
-        tree = tree.schedule
-    if isinstance(tree, Tape):
+            L,
+            snapshots=options.get("snapshots"),
+            tape_cost=c,
+            model=options.get("model", "chain"),
+            calibration=cal,
+        ).schedule
+    if isinstance(tree, Tape) and layer_vjp is None:
         return _chain(layer, params, x)
-    return _execute(layer, params, x, tree)
+    return _execute(layer, params, x, tree, layer_vjp)
 
 
 def tape_cost(layer: Callable, params: Any, x: Any, /, *, policy: str | None = None) -> float:
@@ -683,6 +853,47 @@ def tape_cost(layer: Callable, params: Any, x: Any, /, *, policy: str | None = N
         )
 
     return max(float((residual_bytes(3) - residual_bytes(2)) / x_bytes), 1 / 64)
+
+
+def calibrate(
+    layer: Callable, params: Any, x: Any, /, *, layer_vjp: Callable | None = None
+) -> Calibration:
+    """The memory model of ``layer`` on ``x`` (:class:`Calibration`), from compiled plain backprop.
+
+    Compiles (never runs) the gradient of ``sum(scan_layers(layer, p, x))`` with respect to ``p`` and ``x``
+    for 1, 2 and 3 copies of the first layer (with ``layer_vjp``: its output-based tape), and reads the
+    temporaries ``t₁, t₂, t₃`` of ``memory_analysis()`` in activations (bytes of ``x``): ``tape_cost =
+    t₃ − t₂`` (what XLA really keeps per taped layer), ``working = t₂ − 2·tape_cost`` (plain backprop's
+    buffers beyond its tape) and ``single = t₁ + 1`` (one layer reversed alone, plus its cotangent output,
+    which inside a chain is a temporary). :func:`plan` with ``calibration=`` then predicts the temporaries
+    of every strategy; add the gradient outputs (the same for all) to compare with ``memory_bytes``.
+
+    >>> layer = lambda p, x: jnp.tanh(x @ p)
+    >>> cal = calibrate(layer, jnp.ones((1, 16, 16), jnp.float32), jnp.ones((512, 16), jnp.float32))
+    >>> cal.tape_cost, round(cal.working, 1), cal.single  # x, tanh, 1 − tanh; state, cotangent, …
+    (3.0, 3.0, 2.0)
+    """
+    act = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(lambda x: x, x)))
+    one = _slice(params, 0, 1)
+
+    def temp(n):
+        stack = jax.tree.map(lambda a: jnp.concatenate([a] * n), one)
+
+        def loss(p, x):
+            y = scan_layers(layer, p, x, layer_vjp=layer_vjp)
+            return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(y))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(stack, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / act
+
+    t1, t2, t3 = temp(1), temp(2), temp(3)
+    c = max(t3 - t2, 1 / 64)
+    return Calibration(
+        tape_cost=float(c),
+        working=float(max(t2 - 2 * c, 0.0)),
+        single=float(t1 + 1),
+        activation_bytes=int(act),
+    )
 
 
 def _saved_residual_lines(fn: Callable, *args: Any) -> tuple[str, ...]:

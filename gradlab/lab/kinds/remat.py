@@ -133,12 +133,15 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
     x = jax.random.normal(kx, (B, W)).astype(dtype)
     s = spec["strategy"]
     opts = _options(s)
+    cal = remat.calibrate(_layer, params, x)
+    if s["name"] == "binomial":  # the schedule the calibrated plan predicts
+        opts["calibration"] = cal
     grad = jax.grad(
         lambda p, x: jnp.sum(remat.scan_layers(_layer, p, x, strategy=s["name"], **opts)),
         argnums=(0, 1),
     )
     m = remat.measure(grad, params, x, run=spec["time"], repeats=spec["repeats_per_timing"])
-    c = remat.tape_cost(_layer, params, x)
+    c = cal.tape_cost
     act = B * W * dtype.itemsize
     summary: dict[str, Any] = {
         "memory_bytes": m.memory_bytes,
@@ -149,13 +152,15 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
         "xla_flops": m.xla_flops,
         "unknown_trip_counts": m.unknown_trip_counts,
         "tape_cost": c,
+        "working": cal.working,
         "activation_bytes": act,
     }
     if s["name"] in _PLANNED:
         plan_opts = {k: v for k, v in opts.items() if k in ("snapshots", "k")}
-        plan = remat.plan(L, strategy=s["name"], tape_cost=c, **plan_opts)
+        plan = remat.plan(L, strategy=s["name"], calibration=cal, **plan_opts)
         summary.update(
             plan_peak_activations=plan.peak_activations,
+            plan_peak_bytes=plan.peak_bytes,
             plan_flops_ratio=plan.flops_ratio,
             plan_memory_ratio=plan.memory_ratio,
             plan_forward_evals=plan.forward_evals,
@@ -182,12 +187,10 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         mem_r = mem / med(base, "memory_bytes") if base else None
         fl_r = fl / med(base, "dot_flops") if base else None
         plan_mem = None
-        if base and members[0]["summary"].get("plan_peak_activations") is not None:
+        if base and members[0]["summary"].get("plan_peak_bytes") is not None:
+            # calibrated plan: the gradient outputs (the same for every strategy) + predicted temporaries
             s0, b0 = members[0]["summary"], base[0]["summary"]
-            overhead = b0["memory_bytes"] - b0["plan_peak_activations"] * b0["activation_bytes"]
-            plan_mem = (overhead + s0["plan_peak_activations"] * s0["activation_bytes"]) / b0[
-                "memory_bytes"
-            ]
+            plan_mem = (b0["output_bytes"] + s0["plan_peak_bytes"]) / b0["memory_bytes"]
         ratios[(L, strat)] = (mem_r, fl_r, plan_mem, members[0]["summary"].get("plan_flops_ratio"))
         rows.append(
             [
@@ -209,8 +212,9 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         R.Text(
             "Memory = temp + output bytes of the compiled gradient; FLOPs = matmul FLOPs of the compiled "
             "HLO with loop bodies times their trip counts (XLA's cost analysis counts a scan body once). "
-            "'plan' columns are gradlab.remat.plan's predictions (memory: plain's overhead + predicted "
-            "peak activations). A FLOPs ratio above 1 proves the recompute happened."
+            "'plan' columns are gradlab.remat.plan's predictions, calibrated by gradlab.remat.calibrate "
+            "(memory: the gradient outputs + the predicted peak of temporaries). A FLOPs ratio above 1 "
+            "proves the recompute happened."
         ),
         R.Table(
             [
