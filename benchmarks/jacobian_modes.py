@@ -4,7 +4,7 @@ cheap gradient ratio of an MLP.
 The seeds' figure: ``A ∈ R^{m×n}``, ``n = 100``, ``m`` over a grid; ``jax.jacfwd`` (``A·I_n``, ``2mn²``
 FLOPs), ``jax.jacrev`` (``I_m·A``, ``2m²n``) and ``admodes.jacobian(mode="auto")`` (forward iff ``n ≤ m``)
 are compiled (compile time apart) and timed round-robin per ``m`` (``admodes.crossover``: median and minimum
-of ``--repeats`` rounds, each round ≥ 5 ms of back-to-back calls). FLOPs are counted from the compiled HLO
+of ``--repeats`` rounds, each round ≥ ``--min-sample`` = 20 ms of back-to-back calls). FLOPs are counted from the compiled HLO
 (``remat.hlo_flops``). Goals: the measured crossover ``m*`` (where ``jacrev ÷ jacfwd`` crosses 1, log–log
 interpolation) lies in ``[0.5n, 2n]``; auto is never more than 1.2× slower than the better fixed mode on the
 grid (the median over rounds of the paired per-round ratio auto ÷ better mode; the auto program is also
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="process CPU time (default when single-threaded) or wall time (default with --multithread)",
     )
+    parser.add_argument(
+        "--min-sample",
+        type=float,
+        default=0.02,
+        help="seconds of back-to-back calls per timed sample (µs-scale programs need many calls)",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (21 if args.quick else 41)
     ms = tuple(args.ms) if args.ms else (QUICK_MS if args.quick else FULL_MS)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         key=jax.random.key(0),
         repeats=repeats,
         dtype=args.dtype,
-        min_sample_s=1e-3,
+        min_sample_s=args.min_sample,
         clock=clock,
     )
     same = {m: _auto_program_is(n, m, args.dtype) for m in c.ms}
