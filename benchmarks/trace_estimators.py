@@ -2,16 +2,20 @@
 
 Matrices ``A = U diag(λ) Uᵀ`` (``U`` a Haar-random orthogonal matrix, fixed seed) with spectra ``λ_k ∝ 1/k²``,
 ``∝ 1/k``, flat uniform in ``[1, 2]``, and low rank plus noise (10 eigenvalues 1, the rest 1e-2). For every
-budget ``m`` (10/30/100/300 matvecs) and estimator, ``--seeds`` independent estimates (20) run inside one
-jitted ``lax.map`` over keys (never a vmap over seeds: batched LAPACK deadlocked in jaxlib 0.10.2 on CPU),
-compiled first (compile time reported apart), then timed once (``block_until_ready``). Same matrices, same
-budgets for both libraries; ``A`` is an argument of the compiled function.
+budget ``m`` (``--budgets``, default 10/30/100/300 matvecs) and estimator, ``--seeds`` independent estimates
+(20) run inside one jitted ``lax.map`` over keys (never a vmap over seeds: batched LAPACK deadlocked in jaxlib
+0.10.2 on CPU). Every estimator is compiled first (compile time reported apart); then all estimators of one
+(spectrum, budget) are timed round-robin (``_common.interleaved``, ``--repeats`` rounds, median and minimum),
+so a change of load on the shared machine affects gradlab and matfree alike. Same matrices, same budgets and
+dtype (float64) for both libraries; ``A`` is an argument of the compiled function.
 
-Per (spectrum, budget, estimator) one JSON line: median relative error over seeds, seconds per estimate,
-95% coverage of ``±1.96·std_error``. Then one summary line per (spectrum, budget): gradlab's best vs
-matfree's best median error (goal ≤ 1.1×) and its time ratio (goal ≤ 0.5×), and ``auto`` ÷ best gradlab
-fixed method (goal ≤ 1.5×). Run with ``OPENBLAS_NUM_THREADS=1`` (threaded LAPACK under contention slowed the
-X-methods 5–10×). ``--quick``: 5 seeds, budgets 10/30/100.
+Per (spectrum, budget, estimator) one JSON line: median relative error over seeds, seconds per estimate
+(median over rounds, and the minimum), 95% coverage of ``±1.96·std_error``. Then one summary line per
+(spectrum, budget): gradlab's best vs matfree's best median error (goal ≤ 1.1×) and its time ratio (goal
+≤ 0.5×, medians), ``auto`` ÷ best gradlab fixed method (goal ≤ 1.5×), and gradlab ÷ matfree time for
+each method both implement (the like-for-like comparison). Run with ``OPENBLAS_NUM_THREADS=1``
+(threaded LAPACK under contention slowed the X-methods 5–10×). ``--quick``: 5 seeds, budgets 10/30/100,
+3 rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import _common  # noqa: F401  (x64 on)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import emit, environment, sig
+from _common import emit, environment, interleaved, sig
 
 from gradlab import curvature
 
@@ -81,13 +85,21 @@ def matfree_estimators(n: int, m: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 seeds, budgets 10/30/100")
+    parser.add_argument("--quick", action="store_true", help="5 seeds, budgets 10/30/100, 3 rounds")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--spectra", default="inv_k2,inv_k,flat,lowrank_noise")
+    parser.add_argument("--budgets", default=None, help="comma-separated matvec budgets")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timing rounds (default 5, quick 3)"
+    )
     args = parser.parse_args(argv)
     seeds = args.seeds or (5 if args.quick else 20)
-    budgets = (10, 30, 100) if args.quick else (10, 30, 100, 300)
+    repeats = args.repeats or (3 if args.quick else 5)
+    if args.budgets:
+        budgets = tuple(int(b) for b in args.budgets.split(","))
+    else:
+        budgets = (10, 30, 100) if args.quick else (10, 30, 100, 300)
     n = args.n
     emit(environment(openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS")))
     U = np.linalg.qr(np.random.default_rng(1).standard_normal((n, n)))[0]
@@ -99,18 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         A = jnp.asarray((U * lam) @ U.T)
         tr = float(lam.sum())
         for m in budgets:
-            rows = {}
+            rows, compiled, outputs, compile_s = {}, {}, {}, {}
             ests = {**gradlab_estimators(n, m), **matfree_estimators(n, m)}
             for label, est in ests.items():
                 run = jax.jit(lambda A, ks, est=est: jax.lax.map(lambda key_: est(A, key_), ks))
                 t0 = time.perf_counter()
-                compiled = run.lower(A, keys).compile()
-                compile_s = time.perf_counter() - t0
-                jax.block_until_ready(compiled(A, keys))  # warm-up
-                t0 = time.perf_counter()
-                v, s = jax.block_until_ready(compiled(A, keys))
-                per = (time.perf_counter() - t0) / seeds
-                v, s = np.asarray(v), np.asarray(s)
+                compiled[label] = run.lower(A, keys).compile()
+                compile_s[label] = time.perf_counter() - t0
+                outputs[label] = jax.block_until_ready(compiled[label](A, keys))
+            calls = {label: (lambda c=c, A=A: c(A, keys)) for label, c in compiled.items()}
+            times = interleaved(calls, repeats=repeats)
+            for label in ests:
+                v, s = (np.asarray(x) for x in outputs[label])
+                per = float(np.median(times[label])) / seeds
+                per_min = float(np.min(times[label])) / seeds
                 rel = np.abs(v - tr) / tr
                 rows[label] = {"median_rel_error": float(np.median(rel)), "s_per_estimate": per}
                 emit(
@@ -122,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         "median_rel_error": sig(float(np.median(rel)), 3),
                         "coverage_95": sig(float(np.mean(np.abs(v - tr) <= 1.96 * s)), 3),
                         "s_per_estimate": sig(per, 3),
-                        "compile_s": sig(compile_s, 3),
+                        "s_per_estimate_min": sig(per_min, 3),
+                        "compile_s": sig(compile_s[label], 3),
                     }
                 )
             g = {k: r for k, r in rows.items() if k.startswith("gradlab:")}
@@ -143,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 "error_ratio": sig(err_ratio, 3),
                 "time_ratio": sig(time_ratio, 3),
                 "auto_vs_best_fixed": sig(auto_ratio, 3),
+                "same_method_time_ratio": {
+                    meth: sig(g[f"gradlab:{meth}"]["s_per_estimate"] / r["s_per_estimate"], 3)
+                    for meth, r in ((k.split(":")[1], r) for k, r in mf.items())
+                },
                 "goals_met": {
                     "error_ratio<=1.1": err_ratio <= 1.1,
                     "time_ratio<=0.5": time_ratio <= 0.5,

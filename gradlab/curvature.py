@@ -24,11 +24,12 @@ Probes go through the operator in chunks: ``batch_size=None`` applies a whole bl
 ``jax.sharding.Mesh`` with one axis) spreads a probe block over the devices with ``shard_map``. The
 LAPACK-based reductions (QR, eigh) run once on the gathered block, never vmapped across seeds.
 
-Standard errors: ``std_error`` is the sample standard error of the independent (or leave-one-out)
-terms, multiplied by ``t_{0.975,ν}/1.96`` (Student's ``t`` with ``ν`` degrees of freedom), so that
-``value ± 1.96·std_error`` is a 95% interval even with few probes. For XTrace/XNysTrace the
-leave-one-out terms are positively correlated and their naive standard error under-covers; we use
-``ν = m/2`` degrees of freedom and a variance inflation (see :func:`trace`).
+Standard errors: ``value ± 1.96·std_error`` is a 95% interval. For iid terms (Hutchinson, the
+Hutch++ residual) ``std_error`` is the sample standard error times ``q/1.96``, ``q`` the second-order
+critical value of a studentized mean (Student's ``t`` plus a skewness/kurtosis term, Hall 1992). The
+leave-one-out terms of XTrace/XNysTrace are positively correlated through their shared sketch, so
+their naive standard error under-covers; gradlab adds an unbiased estimate of that covariance from
+leave-two-out terms (see :func:`trace`).
 
 >>> import jax, jax.numpy as jnp
 >>> A = jnp.diag(jnp.arange(1.0, 11.0))
@@ -48,7 +49,8 @@ stochastic trace estimation, SIAM J. Matrix Anal. Appl. 45(1); Bekas, Kokiopoulo
 estimator for the diagonal of a matrix, Appl. Numer. Math. 57; Golub & Meurant (2010), Matrices, Moments
 and Quadrature with Applications; Ubaru, Chen & Saad (2017), Fast estimation of tr(f(A)) via stochastic
 Lanczos quadrature, SIAM J. Matrix Anal. Appl. 38(4); Ghorbani, Krishnan & Xiao (2019), An investigation
-into neural net optimization via Hessian eigenvalue density, ICML.
+into neural net optimization via Hessian eigenvalue density, ICML; Hall (1992), The Bootstrap and
+Edgeworth Expansion, Springer; Efron & Stein (1981), The jackknife estimate of variance, Ann. Stat. 9(3).
 """
 
 from __future__ import annotations
@@ -373,12 +375,41 @@ def _t_ratio(dof: Any) -> jax.Array:
     return t / z
 
 
-def _mean_se(samples: jax.Array, *, dof: Any = None, inflate: float = 1.0) -> tuple:
-    m = samples.shape[0]
-    mean = jnp.mean(samples)
-    sd = jnp.std(samples, ddof=1)
-    dof = m - 1 if dof is None else dof
-    return mean, inflate * sd / math.sqrt(m) * _t_ratio(dof)
+def _quantile_ratio(k: Any, m2: Any, m3: Any, m4: Any) -> jax.Array:
+    """``q/1.96``: the two-sided 95% critical value ``q`` of a studentized mean of ``k`` terms.
+
+    To second order (Hall 1992, §2.6; the ``k^{−1/2}`` skewness terms cancel for a symmetric
+    interval): ``q = t_{0.975,k−1} + (z/k)·(γ²(z⁴ + 2z² − 3)/18 − κ(z² − 3)/12)``, ``z = 1.96``, with the
+    sample skewness ``γ = m3/m2^{3/2}`` and excess kurtosis ``κ = m4/m2² − 3`` of the terms (central
+    moments ``m2, m3, m4``, divisor ``k``). Right-skewed terms (quadratic forms dominated by a few
+    eigenvalues) make the plain ``t`` interval under-cover.
+    """
+    z = 1.959963984540054
+    m2, m3, m4 = jnp.asarray(m2), jnp.asarray(m3), jnp.asarray(m4)
+    k = jnp.asarray(k, dtype=m2.dtype)
+    pos = m2 > 0
+    m2s = jnp.where(pos, m2, 1.0)
+    gamma2 = jnp.where(pos, m3 * m3 / m2s**3, 0.0)
+    kappa = jnp.where(pos, m4 / m2s**2 - 3.0, 0.0)
+    corr = (z / k) * (gamma2 * (z**4 + 2 * z**2 - 3) / 18 - kappa * (z**2 - 3) / 12)
+    return _t_ratio(k - 1) + corr / z
+
+
+def _moments(terms: jax.Array) -> tuple:
+    c = terms - jnp.mean(terms)
+    c2 = c * c
+    return jnp.mean(c2), jnp.mean(c2 * c), jnp.mean(c2 * c2)
+
+
+def _moment_se(k: Any, m2: Any, m3: Any, m4: Any) -> jax.Array:
+    """Standard error of a mean of ``k`` iid terms: ``√(m2/(k−1))·q/1.96`` (:func:`_quantile_ratio`)."""
+    k = jnp.asarray(k, dtype=m2.dtype)
+    return jnp.sqrt(m2 / jnp.maximum(k - 1, 1.0)) * _quantile_ratio(k, m2, m3, m4)
+
+
+def _mean_se(samples: jax.Array) -> tuple:
+    """Mean and skewness-corrected, t-calibrated standard error of iid samples (:func:`_moment_se`)."""
+    return jnp.mean(samples), _moment_se(samples.shape[0], *_moments(samples))
 
 
 def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: Any) -> Estimate:
@@ -415,24 +446,37 @@ def _quad_terms(mv, key, sampler, start, num, batch_size, mesh):
 def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset):
     """Blocks of iid terms until ``std_error < rtol·|value|`` or the budget (of terms) runs out.
 
-    ``value = base + mean(terms)``; ``offset`` matvecs were spent before the loop.
+    ``value = base + mean(terms)``; ``offset`` matvecs were spent before the loop. The running sums
+    are of powers of ``terms − c`` with ``c`` the first block's mean (stable when the terms vary little
+    around a large mean); the standard error is that of :func:`_mean_se`.
     """
     block = min(budget, max(2, batch_size or _DEFAULT_BLOCK))
     num_blocks = budget // block  # whole blocks only, so every block has one compiled shape
     dtype = base.dtype
 
     def stats(state):
-        b, s1, s2 = state
-        k = (b * block).astype(dtype)
-        mean = s1 / k
-        var = jnp.maximum(s2 - k * mean**2, 0.0) / jnp.maximum(k - 1, 1.0)
-        se = jnp.sqrt(var / k) * _t_ratio(k - 1)
-        return mean, se
+        b, c, s1, s2, s3, s4 = state
+        k = jnp.maximum(b * block, 1).astype(dtype)
+        d = s1 / k
+        m2 = jnp.maximum(s2 / k - d * d, 0.0)
+        m3 = s3 / k - 3 * d * s2 / k + 2 * d**3
+        m4 = s4 / k - 4 * d * s3 / k + 6 * d * d * s2 / k - 3 * d**4
+        return c + d, _moment_se(k, m2, m3, m4)
 
     def body(state):
-        b, s1, s2 = state
+        b, c, s1, s2, s3, s4 = state
         t = terms_fn(b * block, block)
-        return b + 1, s1 + jnp.sum(t), s2 + jnp.sum(t * t)
+        c = jnp.where(b == 0, jnp.mean(t), c)
+        u = t - c
+        u2 = u * u
+        return (
+            b + 1,
+            c,
+            s1 + jnp.sum(u),
+            s2 + jnp.sum(u2),
+            s3 + jnp.sum(u2 * u),
+            s4 + jnp.sum(u2 * u2),
+        )
 
     def cond(state):
         b = state[0]
@@ -440,8 +484,8 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset):
         done = (b >= 1) & (se < rtol * jnp.abs(base + mean))
         return (b < num_blocks) & ~done
 
-    init = (jnp.asarray(0), jnp.zeros((), dtype), jnp.zeros((), dtype))
-    final = jax.lax.while_loop(cond, body, init)
+    zero = jnp.zeros((), dtype)
+    final = jax.lax.while_loop(cond, body, (jnp.asarray(0), zero, zero, zero, zero, zero))
     mean, se = stats(final)
     return Estimate(base + mean, se, offset + final[0] * block)
 
@@ -456,21 +500,55 @@ def _hutchpp(mv, key, sampler, m, *, batch_size, mesh, rtol, n):
     g = m - 2 * k
     k_sketch, k_res = jax.random.split(key)
     S = _probes(sampler, k_sketch, 0, k)
-    Q, _ = _orth(_apply(mv, S, batch_size=batch_size, mesh=mesh).T)  # (n, k)
-    AQ = _apply(mv, Q.T, batch_size=batch_size, mesh=mesh).T  # (n, k)
+    Q = _orth(_apply(mv, S, batch_size=batch_size, mesh=mesh).T)[0].T  # rows: (k, n)
+    AQ = _apply(mv, Q, batch_size=batch_size, mesh=mesh)  # (k, n)
     low_rank = jnp.sum(Q * AQ)
 
     def residual_terms(start, num):
+        # gᵀ(I−QQᵀ)A(I−QQᵀ)g = (Pg)ᵀ(Ag − AQ Qᵀg), with Pg = g − Q Qᵀg
         G = _probes(sampler, k_res, start, num)  # (num, n)
         AG = _apply(mv, G, batch_size=batch_size, mesh=mesh)
-        PG = G - (G @ Q) @ Q.T
-        AG = AG - (G @ Q) @ AQ.T
-        return jnp.sum(PG * (AG - (AG @ Q) @ Q.T), axis=1)
+        C = G @ Q.T
+        return jnp.sum((G - C @ Q) * (AG - C @ AQ), axis=1)
 
     if rtol is None:
         mean, se = _mean_se(residual_terms(0, g))
         return Estimate(low_rank + mean, se, jnp.asarray(m))
     return _sequential(residual_terms, low_rank, g, batch_size=batch_size, rtol=rtol, offset=2 * k)
+
+
+def _loo_se(terms, pair_terms):
+    """Standard error of the mean of ``k`` exchangeable leave-one-out terms (XTrace, XNysTrace).
+
+    ``terms[i] = t_i`` uses probe ``i`` as the Hutchinson probe of the residual left by a sketch of the
+    other ``k − 1`` probes; ``pair_terms[i, j] = t_i^{(−j)}`` is the same term with probe ``j`` also
+    removed from the sketch (the diagonal is ignored). Each term is unbiased *given the probes of its
+    sketch*, ``E[t_i | ω_{−i}] = tr A`` (resphering makes the left-out probe isotropic on the
+    complement of the sketch). For the mean ``T = (1/k) Σ t_i`` of exchangeable terms,
+    ``Var T = Var(t)/k + (1 − 1/k)·C`` and ``E[s²] = Var(t) − C`` (``s²``: the sample variance of the
+    terms, ``C = Cov(t_i, t_j)``), so ``Var T = E[s²]/k + C``: the naive ``s²/k`` (matfree's standard
+    error) misses exactly ``C``, which is positive because the terms share their sketches. With
+    ``Δ_ij = t_i − t_i^{(−j)}``, ``C = E[Δ_ij Δ_ji]`` exactly: ``t_i^{(−j)}`` and ``t_j^{(−i)}`` are
+    independent and unbiased given ``ω_{−ij}``, and ``E[Δ_ji | ω_{−j}] = 0``. Hence
+
+    ``V̂ = s²/k + max(Ĉ, 0)``, ``Ĉ = (1/(k(k−1))) Σ_{i≠j} Δ_ij Δ_ji``,
+
+    unbiased but for the positive part (clipping the noisy ``Ĉ`` at 0, where ``C ≥ 0``, only lowers
+    its mean-square error). ``std_error = √V̂ · q/1.96`` with the second-order critical value ``q`` of
+    :func:`_quantile_ratio` (``t_{0.975,k−1}`` plus the terms' skewness and kurtosis correction). The
+    jackknife variance, in contrast, is biased upwards by the statistic's interactions (Efron & Stein
+    1981): 1.2–20× the true variance on the benchmark spectra at ``m = 30``.
+
+    Limitation: with a PSD ``A`` of rank within a few of ``k`` (XNysTrace), all terms share one large
+    error that ``Ĉ`` sees only in some draws; coverage falls (0.87 at ``k = rank A``, n = 200).
+    """
+    k = terms.shape[0]
+    off = ~jnp.eye(k, dtype=bool)
+    delta = terms[:, None] - pair_terms
+    cov = jnp.sum(jnp.where(off, delta * delta.T, 0.0)) / (k * (k - 1))
+    m2, m3, m4 = _moments(terms)
+    var = m2 / (k - 1) + jnp.maximum(cov, 0.0)
+    return jnp.sqrt(var) * _quantile_ratio(k, m2, m3, m4)
 
 
 def _loo_factor(R):
@@ -480,169 +558,168 @@ def _loo_factor(R):
     return Rinv_T / jnp.linalg.norm(Rinv_T, axis=0, keepdims=True)
 
 
-def _resphere(Omega, n):
-    """``(n − k + 1) / ‖P_⊥(Ω_{−i}) ω_i‖²``: rescales each probe's part outside the others' span.
-
-    (Resphering, Epperly 2025: the Nyström residual ``A − Â_{−i}`` vanishes on ``span Ω_{−i}``, so the
-    left-out probe is rescaled to radius ``√(n − k + 1)`` in the complement.)
-
-    ``‖P_⊥ ω_i‖ = 1 / ‖row i of T⁻¹‖`` for ``Ω = Q_Ω T`` (the dual basis of the columns).
-    """
-    k = Omega.shape[1]
-    T = jnp.linalg.qr(Omega, mode="r")
-    Tinv = jax.scipy.linalg.solve_triangular(T, jnp.eye(k, dtype=T.dtype), lower=False)
-    return (n - k + 1) * jnp.sum(Tinv * Tinv, axis=1)
-
-
-def _asymmetry(Omega, Y):
-    G = Omega.T @ Y
+def _asymmetry(G):
+    """``‖G − Gᵀ‖_F / ‖G‖_F`` for ``G = ΩᵀAΩ``."""
     return jnp.linalg.norm(G - G.T) / jnp.maximum(jnp.linalg.norm(G), jnp.finfo(G.dtype).tiny)
 
 
-def _xtrace_terms(H, W, R, omega_sq, n):
-    """The ``k`` leave-one-out XTrace estimates, all in the coordinates of the sketch basis ``Q``.
+def _positive(x):
+    return jnp.where(x > 0, x, 1.0)
 
-    ``Y = AΩ = QR`` (``Ω``: n × k), ``H = QᵀAQ``, ``W = QᵀΩ``, ``omega_sq = ‖ω_i‖²``. With ``s_i`` from
-    :func:`_loo_factor`, ``x_i = W_i − s_i(s_iᵀW_i)`` are the coordinates of ``Π_{−i}ω_i`` (the
-    projection onto ``span Y_{−i}``), and for symmetric ``A``
-    ``tr(Π_{−i}A) = tr H − s_iᵀHs_i``, ``((I−Π_{−i})ω_i)ᵀA(I−Π_{−i})ω_i = −R_iᵀx_i + x_iᵀHx_i +
-    (s_iᵀR_i)(s_iᵀW_i)``; the residual term is resphered to radius ``√(n − k + 1)``.
+
+def _xtrace_terms(H, W, R, omega_sq, n):
+    """Leave-one-out and leave-two-out XTrace terms, in the coordinates of the sketch basis ``Q``.
+
+    ``Y = AΩ = QR`` (``Ω``: n × k), ``H = QᵀAQ``, ``W = QᵀΩ``, ``omega_sq = ‖ω_i‖²``; ``A`` symmetric.
+    For a set ``E`` of probes left out, ``span Y_{−E} = Q·span{s_e : e ∈ E}^⊥`` with ``s_e`` the columns
+    of ``R^{−T}`` (``s_eᵀR_i = 0`` for ``i ≠ e``; :func:`_loo_factor` normalizes them), so the projector is
+    ``Π_{−E} = Q(I − P_E)Qᵀ`` with ``P_E = S_E(S_EᵀS_E)^{−1}S_Eᵀ``, rank ``|E| ≤ 2``. Probe ``i ∈ E``
+    gives ``tr(Π_{−E}A) + (n − k + |E|)·((I−Π_{−E})ω_i)ᵀA(I−Π_{−E})ω_i / ‖(I−Π_{−E})ω_i‖²`` (the residual
+    quadratic form, resphered to the complement's dimension), with ``tr(Π_{−E}A) = tr H − tr(P_E H)``
+    and, for ``x = (I − P_E)W_i``, ``(ω_i − Qx)ᵀA(ω_i − Qx) = W_iᵀR_i − 2xᵀR_i + xᵀHx``. Everything is
+    a ``2 × 2`` solve on entries of ``K = SᵀS``, ``SᵀHS``, ``SᵀW``, ``SᵀHW``: ``O(k³)`` for all pairs.
+
+    Returns ``(t, t2)``: ``t[i]`` (``E = {i}``, the XTrace terms) and ``t2[i, j]`` (``E = {i, j}``,
+    probe ``i`` with ``j`` also out of the sketch; diagonal meaningless).
     """
     k = W.shape[1]
     S = _loo_factor(R)
-    sw = jnp.sum(S * W, axis=0)
-    X = W - S * sw[None, :]
-    low_rank = jnp.trace(H) - jnp.sum(S * (H @ S), axis=0)
-    residual = -jnp.sum(R * X, axis=0) + jnp.sum(X * (H @ X), axis=0) + jnp.sum(S * R, axis=0) * sw
-    outside = omega_sq - jnp.sum(X * X, axis=0)  # ‖(I − Π_{−i}) ω_i‖²
-    scale = (n - k + 1) / jnp.where(outside > 0, outside, 1.0)
-    return low_rank + scale * residual
-
-
-def _drop(k, j):
-    """Indices ``0..k−1`` without ``j`` (``j`` may be traced)."""
-    i = jnp.arange(k - 1)
-    return jnp.where(i < j, i, i + 1)
-
-
-def _xtrace_jackknife_var(H, W, R, omega_sq, n):
-    """Jackknife variance of XTrace: XTrace on the probes without ``j``, for each ``j``, in ``k``-space.
-
-    ``Y_{−j} = Q R_{:,−j}``; the QR ``R_{:,−j} = Q' R'`` gives ``Q_{−j} = QQ'``, so ``H' = Q'ᵀHQ'`` and
-    ``W' = Q'ᵀW_{:,−j}`` need no new matvecs (``O(k⁴)`` flops, one small QR per ``j``, sequential).
-    """
-    k = W.shape[1]
-
-    def drop_one(j):
-        idx = _drop(k, j)
-        Qp, Rp = jnp.linalg.qr(R[:, idx], mode="reduced")
-        return jnp.mean(_xtrace_terms(Qp.T @ H @ Qp, Qp.T @ W[:, idx], Rp, omega_sq[idx], n))
-
-    T_drop = jax.lax.map(drop_one, jnp.arange(k))
-    return (k - 1) / k * jnp.sum((T_drop - jnp.mean(T_drop)) ** 2)
-
-
-def _nystrom_terms(Omega, Y, n):
-    """The ``k`` leave-one-out XNysTrace estimates (eigh-based Nyström, pseudo-inverse of ``ΩᵀAΩ``)."""
-    k = Omega.shape[1]
-    Hm = Omega.T @ Y
-    Hm = (Hm + Hm.T) / 2
-    lam, V = jnp.linalg.eigh(Hm)
-    keep = lam > k * jnp.finfo(lam.dtype).eps * jnp.abs(lam[-1])
-    inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
-    F = Y @ (V * inv_sqrt[None, :])  # Â = F Fᵀ
-    Hpinv_half = V * inv_sqrt[None, :]  # H⁺ = (V Λ^{-1/2})(V Λ^{-1/2})ᵀ
-    lev = jnp.sum(Hpinv_half * Hpinv_half, axis=1)  # (H⁺)_ii
-    lev_safe = jnp.where(lev > 0, lev, 1.0)
-    Zd = (F @ Hpinv_half.T) / jnp.sqrt(lev_safe)[None, :]  # Â_{−i} = Â − z_i z_iᵀ
-    Zd = jnp.where(lev[None, :] > 0, Zd, 0.0)
-    low_rank = jnp.sum(F * F) - jnp.sum(Zd * Zd, axis=0)
-    residual = jnp.sum(Zd * Omega, axis=0) ** 2
-    return low_rank + _resphere(Omega, n) * residual, lam
-
-
-def _nystrom_jackknife_var(Omega, Y, n):
-    """Jackknife variance of the XNysTrace estimate, in closed form from ``k × k`` matrices.
-
-    ``T_{(−j)}`` is XNysTrace on the probes without ``j`` — the mean over ``i ≠ j`` of leave-two-out
-    terms. With ``P = (ΩᵀY)⁻¹``, ``M = P YᵀY P``, ``G = (ΩᵀΩ)⁻¹`` and ``E = {i, j}``:
-    ``tr Â_{−ij} = tr(P YᵀY) − tr(P_EE⁻¹ M_EE)``, the residual quadratic form of probe ``i`` is
-    ``(P_EE⁻¹)_ii``, and its resphering scale is ``(n − k + 2)(G_ii − G_ij²/G_jj)``. The jackknife
-    variance ``((k−1)/k) Σ_j (T_{(−j)} − T̄)²`` does not assume the leave-one-out terms independent.
-    """
-    k = Omega.shape[1]
-    Hm = Omega.T @ Y
-    Hm = (Hm + Hm.T) / 2
-    P = jnp.linalg.inv(Hm)
-    P = (P + P.T) / 2
-    YtY = Y.T @ Y
-    M = P @ YtY @ P
-    G = jnp.linalg.inv(Omega.T @ Omega)
-    tr_full = jnp.sum(P * YtY)
-    d, dm, dg = jnp.diagonal(P), jnp.diagonal(M), jnp.diagonal(G)
-    det = d[:, None] * d[None, :] - P * P  # [i, j]
-    det = jnp.where(jnp.eye(k, dtype=bool), 1.0, det)
-    tr_drop = (d[None, :] * dm[:, None] - 2 * P * M + d[:, None] * dm[None, :]) / det
-    quad = d[None, :] / det  # (P_EE⁻¹)_ii with E = {i, j}: P_jj / det
-    scale = (n - k + 2) * (dg[:, None] - G * G / dg[None, :])
-    terms = tr_full - tr_drop + scale * quad  # [i, j]: probe i, j dropped
-    off = ~jnp.eye(k, dtype=bool)
-    T_drop = jnp.sum(jnp.where(off, terms, 0.0), axis=0) / (k - 1)
-    return (k - 1) / k * jnp.sum((T_drop - jnp.mean(T_drop)) ** 2)
+    HW = H @ W
+    K, M, N, L = S.T @ S, S.T @ (H @ S), S.T @ W, S.T @ HW
+    r = jnp.sum(S * R, axis=0)  # s_iᵀR_i
+    d = jnp.sum(W * R, axis=0)  # ω_iᵀAω_i
+    b = jnp.sum(W * HW, axis=0)  # W_iᵀHW_i
+    w = jnp.sum(W * W, axis=0)  # ‖Π ω_i‖²
+    tr_h = jnp.trace(H)
+    md, nd, ld = jnp.diagonal(M), jnp.diagonal(N), jnp.diagonal(L)
+    # E = {i}: P_E = s_i s_iᵀ, x = W_i − c s_i with c = s_iᵀW_i
+    quad = -d + 2 * nd * r + b - 2 * nd * ld + nd * nd * md
+    t = tr_h - md + (n - k + 1) / _positive(omega_sq - w + nd * nd) * quad
+    # E = {i, j}: x = W_i − c1 s_i − c2 s_j, (c1, c2) = (S_EᵀS_E)⁻¹ S_EᵀW_i
+    det = jnp.where(jnp.eye(k, dtype=bool), 1.0, 1.0 - K * K)
+    nji = N.T  # [i, j] = s_jᵀW_i
+    c1 = (nd[:, None] - K * nji) / det
+    c2 = (nji - K * nd[:, None]) / det
+    tr2 = tr_h - (md[:, None] - 2 * K * M + md[None, :]) / det
+    quad2 = (
+        -d[:, None]
+        + 2 * c1 * r[:, None]
+        + b[:, None]
+        - 2 * (c1 * ld[:, None] + c2 * L.T)
+        + c1 * c1 * md[:, None]
+        + 2 * c1 * c2 * M
+        + c2 * c2 * md[None, :]
+    )
+    outside2 = omega_sq[:, None] - w[:, None] + c1 * nd[:, None] + c2 * nji
+    t2 = tr2 + (n - k + 2) / _positive(outside2) * quad2
+    return t, t2
 
 
 def _xtrace(mv, key, sampler, m, *, batch_size, mesh, n):
     k = m // 2
-    Omega = _probes(sampler, key, 0, k).T
-    Y = _apply(mv, Omega.T, batch_size=batch_size, mesh=mesh).T
-    Q, R = _orth(Y)
-    Z = _apply(mv, Q.T, batch_size=batch_size, mesh=mesh).T
-    return _xtrace_finish(Omega, Q, R, Z, n), _asymmetry(Omega, Y), None
+    Omega = _probes(sampler, key, 0, k)  # probes, Y = AΩ, Q and AQ are held as rows: (k, n)
+    Y = _apply(mv, Omega, batch_size=batch_size, mesh=mesh)
+    Q, R = _orth(Y.T)
+    Z = _apply(mv, Q.T, batch_size=batch_size, mesh=mesh)
+    est, W = _xtrace_finish(Omega, Q.T, R, Z, n)
+    return est, _asymmetry(W.T @ R), None  # ΩᵀY = ΩᵀQR = WᵀR
 
 
 def _xtrace_finish(Omega, Q, R, Z, n):
-    k = Omega.shape[1]
-    H, W, omega_sq = Q.T @ Z, Q.T @ Omega, jnp.sum(Omega * Omega, axis=0)
-    terms = _xtrace_terms(H, W, R, omega_sq, n)
-    se = _calibrated_se(terms, _xtrace_jackknife_var(H, W, R, omega_sq, n))
-    return Estimate(jnp.mean(terms), se, jnp.asarray(2 * k))
+    """The XTrace estimate from ``Y = AΩ = QR`` and ``Z = AQ``; exact (``tr QᵀAQ``) if ``Y`` is rank-deficient.
 
-
-def _calibrated_se(terms, var_jack):
-    """Geometric mean of the leave-one-out and the jackknife standard errors, t-calibrated.
-
-    The naive ``sd(t_i)/√k`` of the exchangeable leave-one-out terms under-covers (they are positively
-    correlated through the shared sketch); the jackknife over-covers (Efron–Stein: it is conservative,
-    and more so when the error decays faster than ``1/√m``). Their geometric mean covered 0.95–0.99 of
-    200 seeds on the benchmark spectra (n = 200, m = 30 and 100); see the tests.
+    ``Omega``, ``Q``, ``Z``: rows ``(k, n)`` (the transposes of ``Ω``, ``Q``, ``AQ``); ``R``: ``(k, k)``.
     """
-    k = terms.shape[0]
-    var_loo = jnp.var(terms, ddof=1) / k
-    return (var_loo * var_jack) ** 0.25 * _t_ratio(k - 1)
+    k = Omega.shape[0]
+    H, W, omega_sq = Q @ Z.T, Q @ Omega.T, jnp.sum(Omega * Omega, axis=1)
+    t, t2 = _xtrace_terms(H, W, R, omega_sq, n)
+    r_abs = jnp.abs(jnp.diagonal(R))
+    # range(A) ⊆ span Q when Y = AΩ is rank-deficient (rank A < k): then tr(QᵀAQ) = tr A exactly
+    deficient = jnp.min(r_abs) <= k * jnp.finfo(R.dtype).eps * jnp.max(r_abs)
+    value = jnp.where(deficient, jnp.trace(H), jnp.mean(t))
+    se = jnp.where(deficient, 0.0, _loo_se(t, t2))
+    return Estimate(value, se, jnp.asarray(2 * k)), W
+
+
+def _nystrom_core(Hm, YtY):
+    """Eigen-decomposition of the sketch for the Nyström approximation ``Â = Y(ΩᵀY)⁺Yᵀ``.
+
+    ``Hm = ΩᵀY`` (symmetrized), ``YtY = YᵀY``. Returns ``(lam, V, keep, B)`` with ``Hm = V diag(lam) Vᵀ``
+    (ascending), ``keep`` the eigenvalues above ``k·eps·λ_max`` (the pseudo-inverse's support) and
+    ``B = VᵀYᵀYV``, so that ``Â = FFᵀ`` with ``F = YVΛ^{−1/2}`` has ``FᵀF = Λ^{−1/2}BΛ^{−1/2}``.
+    """
+    k = Hm.shape[0]
+    lam, V = jnp.linalg.eigh((Hm + Hm.T) / 2)
+    keep = lam > k * jnp.finfo(lam.dtype).eps * jnp.abs(lam[-1])
+    return lam, V, keep, V.T @ YtY @ V
+
+
+def _nystrom_terms(core, OtO, n):
+    """Leave-one-out and leave-two-out XNysTrace terms from the ``k × k`` Gram matrices of ``[Ω, Y]``.
+
+    ``core = _nystrom_core(ΩᵀY, YᵀY)``, ``OtO = ΩᵀΩ``. With ``P = (ΩᵀY)⁺`` (eigen pseudo-inverse),
+    ``Â = YPYᵀ`` and ``tr Â = tr(PYᵀY)``. Leaving probe ``i`` out (Albert 1969) removes
+    ``z_i z_iᵀ`` with ``z_i = YPe_i/√P_ii`` when ``i`` is essential (projection leverage ``≈ 1``),
+    nothing otherwise; the residual ``A − Â_{−i}`` vanishes on ``span Ω_{−i}``, so its quadratic form
+    at ``ω_i`` is ``(z_iᵀω_i)² = (ΩᵀYP)_ii²/P_ii``, resphered by ``(n − k + 1)·((ΩᵀΩ)⁻¹)_ii``
+    (``= (n − k + 1)/‖P_⊥(Ω_{−i})ω_i‖²``). Leaving out ``E = {i, j}`` (full rank): ``tr Â_{−E} =
+    tr Â − tr(P_EE⁻¹ (PYᵀYP)_EE)``, the quadratic form of probe ``i`` is ``(P_EE⁻¹)_ii`` and its
+    resphering scale ``(n − k + 2)(G_ii − G_ij²/G_jj)``, ``G = (ΩᵀΩ)⁻¹``.
+
+    Returns ``(t, t2)``: the ``k`` XNysTrace terms and the ``k × k`` leave-two-out terms ``t2[i, j]``
+    (equal to ``t[i]`` when ``ΩᵀY`` is singular, where the covariance estimate is then skipped).
+    """
+    lam, V, keep, B = core
+    k = lam.shape[0]
+    eps = jnp.finfo(lam.dtype).eps
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    E = V * inv[None, :]
+    P = E @ V.T  # (ΩᵀY)⁺
+    M = E @ B @ E.T  # P YᵀY P
+    tr_full = jnp.sum(jnp.diagonal(B) * inv)  # tr Â, a sum of non-negative terms
+    p, mm = jnp.diagonal(P), jnp.diagonal(M)
+    lev = jnp.sum(jnp.where(keep[None, :], V * V, 0.0), axis=1)  # (ΩᵀY P)_ii = (V_keep V_keepᵀ)_ii
+    essential = lev > 1.0 - jnp.sqrt(eps)
+    p_safe = jnp.where(essential & (p > 0), p, 1.0)
+    G = jnp.linalg.inv(OtO)
+    G = (G + G.T) / 2
+    g = jnp.diagonal(G)
+    low_rank = tr_full - jnp.where(essential, mm / p_safe, 0.0)
+    residual = jnp.where(essential, lev * lev / p_safe, 0.0)
+    t = low_rank + (n - k + 1) * g * residual
+    det = jnp.where(jnp.eye(k, dtype=bool), 1.0, p[:, None] * p[None, :] - P * P)
+    tr_drop = (p[None, :] * mm[:, None] - 2 * P * M + p[:, None] * mm[None, :]) / det
+    scale = (n - k + 2) * (g[:, None] - G * G / g[None, :])
+    t2 = tr_full - tr_drop + scale * p[None, :] / det
+    t2 = jnp.where(jnp.all(keep), t2, t[:, None])
+    return t, t2
+
+
+def _grams(Omega, Y):
+    """``(ΩᵀY, YᵀY, ΩᵀΩ)`` from the rows ``(k, n)`` of ``Ω`` and ``Y`` (contracting their contiguous axis)."""
+    return Omega @ Y.T, Y @ Y.T, Omega @ Omega.T
 
 
 def _xnystrace(mv, key, sampler, m, *, batch_size, mesh, n):
-    Omega = _probes(sampler, key, 0, m).T
-    Y = _apply(mv, Omega.T, batch_size=batch_size, mesh=mesh).T
-    terms, lam = _nystrom_terms(Omega, Y, n)
-    se = _calibrated_se(terms, _nystrom_jackknife_var(Omega, Y, n))
-    return Estimate(jnp.mean(terms), se, jnp.asarray(m)), _asymmetry(Omega, Y), lam
+    Omega = _probes(sampler, key, 0, m)  # rows: (m, n)
+    Y = _apply(mv, Omega, batch_size=batch_size, mesh=mesh)
+    Hm, YtY, OtO = _grams(Omega, Y)
+    core = _nystrom_core(Hm, YtY)
+    t, t2 = _nystrom_terms(core, OtO, n)
+    return Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(m)), _asymmetry(Hm), core[0]
 
 
-def _nystrom_gap(Omega, Y):
+def _nystrom_gap(core):
     """The largest ratio ``λ̂_j / λ̂_{j+1}`` of the Nyström approximation's eigenvalues, ``j ≤ 3k/4``.
 
-    ``Â = Y(ΩᵀY)⁺Yᵀ = FFᵀ`` with ``F = Y V Λ^{−1/2}`` (``ΩᵀY = VΛVᵀ``); its eigenvalues are those of the
-    ``k × k`` matrix ``FᵀF``. Only the leading three quarters of the sketch are searched: the last
+    ``Â = FFᵀ`` with ``F = YVΛ^{−1/2}``; its eigenvalues are those of ``FᵀF = Λ^{−1/2}BΛ^{−1/2}``
+    (:func:`_nystrom_core`). Only the leading three quarters of the sketch are searched: the last
     Nyström eigenvalues are the least accurate (most under-estimated).
     """
-    k = Omega.shape[1]
-    Hm = Omega.T @ Y
-    lam, V = jnp.linalg.eigh((Hm + Hm.T) / 2)
-    keep = lam > k * jnp.finfo(lam.dtype).eps * jnp.abs(lam[-1])
+    lam, _, keep, B = core
+    k = lam.shape[0]
     inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
-    F = Y @ (V * inv_sqrt[None, :])
-    mu = jnp.linalg.eigvalsh(F.T @ F)[::-1]
+    mu = jnp.linalg.eigvalsh(inv_sqrt[:, None] * B * inv_sqrt[None, :])[::-1]
     j = max(1, (3 * k) // 4)
     tiny = jnp.finfo(mu.dtype).tiny
     return jnp.max(mu[:j] / jnp.maximum(mu[1 : j + 1], tiny))
@@ -670,43 +747,51 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n):
        Non-PSD operators get XTrace.
     """
     k0 = m // 2
-    Om0 = _probes(sampler, key, 0, k0).T
-    Y0 = _apply(mv, Om0.T, batch_size=batch_size, mesh=mesh).T
-    h = jnp.sum(Om0 * Y0, axis=0)
+    Om0 = _probes(sampler, key, 0, k0)  # rows: (k0, n)
+    Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
+    G0, YtY0, OtO0 = _grams(Om0, Y0)
+    h = jnp.diagonal(G0)
     var_h = jnp.var(h, ddof=1)
-    G = Om0.T @ Y0
-    asym = _asymmetry(Om0, Y0)
-    lam0 = jnp.linalg.eigvalsh((G + G.T) / 2)
+    asym = _asymmetry(G0)
+    core0 = _nystrom_core(G0, YtY0)
+    nys_terms, _ = _nystrom_terms(core0, OtO0, n)
+    lam0 = core0[0]
     psd = (asym < _SYM_RTOL) & (lam0[0] >= -1e3 * jnp.finfo(lam0.dtype).eps * jnp.abs(lam0[-1]))
-    nys_terms, _ = _nystrom_terms(Om0, Y0, n)
     var_nys = jnp.var(nys_terms, ddof=1)
-    Q0, R0 = _orth(Y0)
-    Rinv = jax.scipy.linalg.solve_triangular(R0, jnp.eye(k0, dtype=R0.dtype), lower=False)
-    dist2 = 1.0 / jnp.sum(Rinv * Rinv, axis=1)
-    var_res = 2.0 * jnp.mean(dist2)
-    var_x = jnp.where(psd, var_nys, var_res)
+
+    def var_res():  # non-PSD operators only: 2·mean_i dist(y_i, span Y_{0,−i})², from Y₀ = QR
+        R0 = jnp.linalg.qr(Y0.T, mode="r")
+        Rinv = jax.scipy.linalg.solve_triangular(R0, jnp.eye(k0, dtype=R0.dtype), lower=False)
+        return 2.0 * jnp.mean(1.0 / jnp.sum(Rinv * Rinv, axis=1))
+
+    var_x = jax.lax.cond(psd, lambda: var_nys, var_res)
     use_x = var_x < var_h
-    use_xtrace = ~psd | (_nystrom_gap(Om0, Y0) > _GAP)
+    use_xtrace = ~psd | (_nystrom_gap(core0) > _GAP)
 
     def rest_probes():
-        Om1 = _probes(sampler, key, k0, m - k0).T
-        return Om1, _apply(mv, Om1.T, batch_size=batch_size, mesh=mesh).T
+        Om1 = _probes(sampler, key, k0, m - k0)
+        return Om1, _apply(mv, Om1, batch_size=batch_size, mesh=mesh)
 
     def hutch_branch():
         Om1, Y1 = rest_probes()
-        value, se = _mean_se(jnp.concatenate([h, jnp.sum(Om1 * Y1, axis=0)]))
+        value, se = _mean_se(jnp.concatenate([h, jnp.sum(Om1 * Y1, axis=1)]))
         return Estimate(value, se, jnp.asarray(m))
 
     def nys_branch():
         Om1, Y1 = rest_probes()
-        Omega, Y = jnp.concatenate([Om0, Om1], axis=1), jnp.concatenate([Y0, Y1], axis=1)
-        terms, _ = _nystrom_terms(Omega, Y, n)
-        se = _calibrated_se(terms, _nystrom_jackknife_var(Omega, Y, n))
-        return Estimate(jnp.mean(terms), se, jnp.asarray(m))
+        # the Gram matrices of [Ω₀ Ω₁], [Y₀ Y₁] by blocks (the Ω₀/Y₀ blocks are known)
+        Hm = jnp.block([[G0, Om0 @ Y1.T], [Om1 @ Y0.T, Om1 @ Y1.T]])
+        Y01 = Y0 @ Y1.T
+        YtY = jnp.block([[YtY0, Y01], [Y01.T, Y1 @ Y1.T]])
+        O01 = Om0 @ Om1.T
+        OtO = jnp.block([[OtO0, O01], [O01.T, Om1 @ Om1.T]])
+        t, t2 = _nystrom_terms(_nystrom_core(Hm, YtY), OtO, n)
+        return Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(m))
 
     def xtrace_branch():
-        Z = _apply(mv, Q0.T, batch_size=batch_size, mesh=mesh).T
-        return _xtrace_finish(Om0, Q0, R0, Z, n)
+        Q0, R0 = _orth(Y0.T)
+        Z = _apply(mv, Q0.T, batch_size=batch_size, mesh=mesh)
+        return _xtrace_finish(Om0, Q0.T, R0, Z, n)[0]
 
     branch = jnp.where(use_x, jnp.where(use_xtrace, 2, 1), 0)
     est = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
@@ -761,9 +846,20 @@ def trace(
 
     With ``num_matvecs ≥ n`` every method returns the exact trace from the ``n`` unit vectors.
 
-    Standard error: Hutchinson-type terms are iid, so ``sd/√m`` is honest; it is multiplied by
-    ``t_{0.975,m−1}/1.96`` so ``value ± 1.96·std_error`` is a Student-t 95% interval. The
-    leave-one-out terms of XTrace/XNysTrace share the sketch; we use ``k/2`` degrees of freedom.
+    Standard error (``value ± 1.96·std_error`` is a 95% interval): Hutchinson-type terms are iid,
+    so ``sd/√g`` over the ``g`` terms is honest; it is multiplied by ``q/1.96`` with ``q =
+    t_{0.975,g−1} + (1.96/g)(γ²(z⁴+2z²−3)/18 − κ(z²−3)/12)`` (``z = 1.96``; ``γ``, ``κ``: the terms'
+    sample skewness and excess kurtosis), the second-order critical value of a studentized mean
+    (Hall 1992). The ``k`` leave-one-out terms ``t_i`` of XTrace/XNysTrace are each unbiased given the
+    other probes but correlated through the shared sketch: ``Var(mean t) = E[s²]/k + Cov(t_i, t_j)``,
+    and the covariance equals ``E[Δ_ij Δ_ji]`` with ``Δ_ij = t_i − t_i^{(−j)}`` (``t_i^{(−j)}``: probe
+    ``i``'s term with probe ``j`` also left out of the sketch, closed form in ``O(k³)``). So
+    ``std_error² = (s²/k + max(0, mean_{i≠j} Δ_ij Δ_ji))·(q/1.96)²`` (:func:`_loo_se`), unbiased
+    where the naive ``s²/k`` is 0.25–0.85 of the variance and the jackknife 1.2–20×. Coverage of
+    ``±1.96·std_error`` over 1000 seeds (n = 200, m = 30) is 0.92–0.97 for every method on spectra
+    ``∝ 1/k²``, ``1/k``, flat, ``e^{−k/10}``, ``1/√k``, ``1/k^1.5``, ``1/k³``, Wishart and low rank
+    plus noise, except Hutch++ on 10 eigenvalues 1 and the rest 0.01 (0.90: its residual is dominated
+    by the one or two directions that the 10-vector sketch missed, too skewed for 10 terms).
 
     Stopping rule (``rtol``): probes are drawn in blocks (``batch_size``, default 10) until
     ``std_error < rtol·|value|`` or the budget is spent; ``num_matvecs`` reports what was used. For

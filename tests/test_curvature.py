@@ -230,6 +230,129 @@ def test_trace_errors(mats):
 
 
 # ------------------------------------------------------------------------------------------------
+# Leave-one-out / leave-two-out terms and their variance estimate
+
+
+def _xtrace_brute(A, Omega, i, drop):
+    """XTrace term of probe i with the probes `drop` (∋ i) out of the sketch, in n-space."""
+    n, k = Omega.shape
+    keep = [c for c in range(k) if c not in drop]
+    Q = np.linalg.qr(A @ Omega[:, keep])[0]
+    w = Omega[:, i] - Q @ (Q.T @ Omega[:, i])
+    return np.trace(Q.T @ A @ Q) + (n - len(keep)) / (w @ w) * (w @ A @ w)
+
+
+def _nystrom_brute(A, Omega, i, drop):
+    """XNysTrace term of probe i with the probes `drop` (∋ i) out of the sketch, in n-space."""
+    n, k = Omega.shape
+    keep = [c for c in range(k) if c not in drop]
+    Om, Y = Omega[:, keep], A @ Omega[:, keep]
+    A_hat = Y @ np.linalg.pinv(Om.T @ Y) @ Y.T
+    Qo = np.linalg.qr(Om)[0]
+    w = Omega[:, i] - Qo @ (Qo.T @ Omega[:, i])
+    return np.trace(A_hat) + (n - len(keep)) / (w @ w) * (w @ (A - A_hat) @ w)
+
+
+def _sketch(n=60, k=8, seed=0):
+    A = np.asarray(_spd(n, 1.0 / np.arange(1, n + 1), seed=seed))
+    samp = cv._probe_sampler("sphere", jnp.zeros(n), 1)
+    Omega = np.asarray(cv._probes(samp, jax.random.key(seed), 0, k).T)
+    return A, Omega
+
+
+def test_xtrace_leave_one_and_two_out_terms_match_brute_force():
+    A, Omega = _sketch()
+    n, k = Omega.shape
+    Q, R = jnp.linalg.qr(A @ Omega)
+    Z = A @ Q
+    t, t2 = cv._xtrace_terms(Q.T @ Z, Q.T @ Omega, R, jnp.sum(Omega**2, axis=0), n)
+    scale = np.trace(A)
+    for i in range(k):
+        assert abs(t[i] - _xtrace_brute(A, Omega, i, {i})) < 1e-10 * scale
+        for j in (0, 3, k - 1):
+            if j != i:
+                assert abs(t2[i, j] - _xtrace_brute(A, Omega, i, {i, j})) < 1e-10 * scale, (i, j)
+
+
+def test_nystrom_leave_one_and_two_out_terms_match_brute_force():
+    A, Omega = _sketch(seed=1)
+    n, k = Omega.shape
+    Hm, YtY, OtO = cv._grams(jnp.asarray(Omega.T), jnp.asarray((A @ Omega).T))  # rows (k, n)
+    t, t2 = cv._nystrom_terms(cv._nystrom_core(Hm, YtY), OtO, n)
+    scale = np.trace(A)
+    for i in range(k):
+        assert abs(t[i] - _nystrom_brute(A, Omega, i, {i})) < 1e-10 * scale
+        for j in (0, 3, k - 1):
+            if j != i:
+                assert abs(t2[i, j] - _nystrom_brute(A, Omega, i, {i, j})) < 1e-10 * scale, (i, j)
+
+
+@pytest.mark.parametrize("method", ["xtrace", "xnystrace"])
+def test_loo_variance_is_unbiased_where_naive_is_not(mats, method):
+    # E[std_error²] (without the critical-value factor) = Var(value): the covariance term is needed
+    A, tr = mats["inv_k2"]
+    n, m = A.shape[0], 30
+    k = m // 2 if method == "xtrace" else m
+    samp = cv._probe_sampler("sphere", jnp.zeros(n), 1)
+
+    def one(key):
+        if method == "xtrace":
+            Om = cv._probes(samp, key, 0, k).T
+            Q, R = jnp.linalg.qr(A @ Om)
+            t, t2 = cv._xtrace_terms(Q.T @ (A @ Q), Q.T @ Om, R, jnp.sum(Om**2, axis=0), n)
+        else:
+            Om = cv._probes(samp, key, 0, k)  # rows (k, n)
+            Hm, YtY, OtO = cv._grams(Om, Om @ A)
+            t, t2 = cv._nystrom_terms(cv._nystrom_core(Hm, YtY), OtO, n)
+        m2, m3, m4 = cv._moments(t)
+        ratio = cv._quantile_ratio(k, m2, m3, m4)
+        return jnp.mean(t), (cv._loo_se(t, t2) / ratio) ** 2, jnp.var(t, ddof=1) / k
+
+    keys = jax.random.split(jax.random.key(5), 400)
+    v, var_hat, naive = map(np.asarray, jax.jit(lambda ks: jax.lax.map(one, ks))(keys))
+    true_var = np.mean((v - tr) ** 2)
+    # sampling error of a variance over 400 seeds: ~7% (normal) to ~15% (heavy tails)
+    assert 0.75 < var_hat.mean() / true_var < 1.3, var_hat.mean() / true_var
+    assert naive.mean() / true_var < 0.75  # the naive (matfree's) variance under-covers here
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace", "xnystrace", "auto"])
+def test_exact_on_low_rank_operator(method):
+    n = 80
+    A = _spd(n, np.concatenate([np.arange(1.0, 6.0), np.zeros(n - 5)]), seed=2)
+    est = cv.trace(
+        lambda v: A @ v, jax.random.key(0), like=jnp.zeros(n), num_matvecs=30, method=method
+    )
+    assert abs(float(est.value) - 15.0) < 1e-9 and float(est.std_error) < 1e-9
+
+
+def test_skewness_corrected_critical_value():
+    k = 12
+    # normal moments (γ = 0, κ = 0): plain Student t
+    assert cv._quantile_ratio(k, 1.0, 0.0, 3.0) == pytest.approx(float(cv._t_ratio(k - 1)))
+    # exponential terms (γ = 2, κ = 6): wider; the mean of 12 exponentials, t-interval under-covers
+    wide = float(cv._quantile_ratio(k, 1.0, 2.0, 9.0))
+    assert wide > float(cv._t_ratio(k - 1)) * 1.2
+    x = jnp.asarray(np.random.default_rng(0).exponential(size=37))
+    _, se = cv._mean_se(x)
+    m2, m3, m4 = cv._moments(x)
+    assert float(se) == pytest.approx(
+        float(jnp.std(x, ddof=1) / np.sqrt(37) * cv._quantile_ratio(37, m2, m3, m4))
+    )
+    # the rtol loop (shifted power sums) gives the same standard error as one block
+    est = cv._sequential(
+        lambda s, num: jax.lax.dynamic_slice(x, (s,), (num,)),
+        jnp.zeros(()),
+        30,
+        batch_size=10,
+        rtol=1e-12,
+        offset=0,
+    )
+    ref = cv._mean_se(x[:30])
+    np.testing.assert_allclose([est.value, est.std_error], [ref[0], ref[1]], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
 # Diagonal, eigenvalues, spectral density
 
 
@@ -319,17 +442,24 @@ def test_spectral_density_integrates_to_one_and_moments():
 # Calibration (slow)
 
 
-# Cases that miss the issue's 0.93–0.97 coverage band today (measured coverage over 200 seeds, m = 30).
+# Cases that miss the issue's 0.93–0.97 coverage band (measured coverage over the test's 1000 seeds).
 # strict: when a fix lands they XPASS and the suite says so.
 MISCALIBRATED = {
-    ("inv_k2", "xtrace"): 0.975,
-    ("flat", "xnystrace"): 0.985,
-    ("flat", "auto"): 0.98,
-    ("lowrank_noise", "hutch++"): 0.885,
-    ("lowrank_noise", "xtrace"): 1.0,
-    # auto takes XTrace on this spectrum (its gap) and so inherits XTrace's conservative error bar
-    ("lowrank_noise", "auto"): 1.0,
+    # Hutch++ (m = 30): conditional on the 10-vector sketch the residual is estimated by the mean of
+    # g = 10 iid Hutchinson terms, right-skewed where a few eigenvalues dominate the residual. The
+    # second-order (Hall 1992) critical value helps (lowrank_noise 0.89 -> 0.91) but 10 terms are too
+    # few for these shapes.
+    # 1/k²: 0.928 on these seeds, 0.942 and 0.945 on two other sets of 1000 (the plain t: 0.925).
+    ("inv_k2", "hutch++"): 0.928,
+    # 10 eigenvalues 1, 190 at 0.01: the sketch leaves one or two large directions in the residual,
+    # its terms are χ²₁-like (skewness ≈ 1.5, kurtosis ≈ 8); even the exact unconditional variance
+    # covers only 0.93 with ±1.96.
+    ("lowrank_noise", "hutch++"): 0.909,
 }
+# 200 seeds (the issue's count) measure a coverage of 0.95 only to ±0.015 (one binomial standard
+# deviation), so a calibrated estimator would leave the 0.93–0.97 band in about one case of five; with
+# 1000 seeds the band is ±2.9 standard deviations wide.
+CALIBRATION_SEEDS = 1000
 
 
 def _calibration_cases():
@@ -352,7 +482,7 @@ def _calibration_cases():
 @pytest.mark.parametrize(("spectrum", "method"), list(_calibration_cases()))
 def test_error_bars_are_calibrated(mats, method, spectrum):
     A, tr = mats[spectrum]
-    v, s = _run_seeds(A, method, 30, 200)
+    v, s = _run_seeds(A, method, 30, CALIBRATION_SEEDS)
     coverage = np.mean(np.abs(v - tr) <= 1.96 * s)
     assert 0.93 <= coverage <= 0.97, coverage
 
