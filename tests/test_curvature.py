@@ -185,20 +185,74 @@ def test_batch_size_and_jit_compile_once(mats):
     np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
 
 
+def _auto_branch(A, psd, m=40, key=0):
+    like = jnp.zeros(A.shape[0])
+    mv, n, _ = cv._flat_operator(lambda v: A @ v, like)
+    samp = cv._probe_sampler("sphere", like, 1)
+    run = jax.jit(lambda k: cv._auto(mv, k, samp, m, batch_size=None, mesh=None, n=n, psd=psd)[1])
+    return int(run(jax.random.key(key)))
+
+
 def test_auto_picks_hutchinson_on_flat_and_sketch_on_decaying(mats):
-    like = jnp.zeros(N)
-    # 0 Hutchinson, 1 XNysTrace, 2 XTrace (a spectral gap: 10 eigenvalues 1, the rest 1e-2). On the
-    # flat spectrum resphered XNysTrace ties Hutchinson (median errors 2.2e-3 vs 2.4e-3 at m = 30), so
-    # either is right there; XTrace (1.5x worse) is not.
-    for name, want in [("flat", (0, 1)), ("inv_k2", (1,)), ("lowrank_noise", (2,))]:
+    # 0 Hutchinson, 1 XNysTrace, 2 XTrace. On the flat spectrum resphered XNysTrace ties Hutchinson
+    # (median errors 2.2e-3 vs 2.4e-3 at m = 30), so either is right there; XTrace (1.5x worse) is
+    # not. A gap onto a flat floor (10 eigenvalues 1, the rest 1e-2) takes XTrace even for a PSD
+    # operator; without psd=True, XNysTrace is never chosen.
+    for name, want_psd, want in [
+        ("flat", (0, 1), (0, 2)),
+        ("inv_k2", (1,), (2,)),
+        ("lowrank_noise", (2,), (2,)),
+    ]:
         A, _ = mats[name]
-        mv, n, _ = cv._flat_operator(lambda v, A=A: A @ v, like)
-        samp = cv._probe_sampler("sphere", like, 1)
-        run = jax.jit(
-            lambda k, mv=mv, s=samp, n=n: cv._auto(mv, k, s, 40, batch_size=None, mesh=None, n=n)[1]
+        assert _auto_branch(A, psd=True) in want_psd, name
+        assert _auto_branch(A, psd=False) in want, name
+
+
+def _indefinite_tail(n, q, key=3):
+    """A Hessian-like spectrum: ``1/k`` on ``q`` directions, small negative eigenvalues on the rest."""
+    lam = np.concatenate([1.0 / np.arange(1, q + 1), -1e-3 * np.linspace(0.5, 1.5, n - q)])
+    return _spd(n, lam, seed=key), float(lam.sum())
+
+
+def test_auto_never_trusts_nystrom_on_an_indefinite_operator():
+    # the bug this guards: half-sketches of such an operator look PSD, XNysTrace's pseudo-inverse then
+    # dropped the negative directions and reported std_error ≈ 1e-16 at a 1e-3 relative error
+    # (150 of 200 eigenvalues positive: even the 100-probe sketches are positive definite)
+    A, tr = _indefinite_tail(N, 150)
+    like = jnp.zeros(N)
+    mv = lambda v: A @ v  # noqa: E731
+    for seed in range(5):
+        assert _auto_branch(A, psd=False, m=100, key=seed) != 1
+        est = cv.trace(mv, jax.random.key(seed), like=like, num_matvecs=100, method="auto")
+        assert abs(float(est.value) - tr) <= 4 * float(est.std_error), seed
+    # 100 positive: the 50-probe half looks PSD, the full 100-probe sketch does not
+    B, _ = _indefinite_tail(N, 100)
+    assert _auto_branch(B, psd=True, m=100) == 1
+    with pytest.raises(GradlabError, match="psd"):  # declared PSD, wrongly, and the sketch shows it
+        cv.trace(
+            lambda v: B @ v, jax.random.key(0), like=like, num_matvecs=100, method="auto", psd=True
         )
-        branch = run(jax.random.key(0))
-        assert int(branch) in want, name
+    nan = jax.jit(
+        lambda B: cv.trace(
+            lambda v: B @ v, jax.random.key(0), like=like, num_matvecs=100, method="auto", psd=True
+        )
+    )(B)
+    assert np.isnan(nan.value) and np.isnan(nan.std_error)
+    with pytest.raises(OptionError, match="psd"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, method="auto", psd="yes")
+
+
+def test_nystrom_not_psd_sees_null_directions_that_move():
+    # ΩᵀAΩ = 0 for A = diag(1, −1, 0, …), ω = e1 + e2: the quadratic form vanishes but Aω ≠ 0, which
+    # a PSD operator cannot do; for A = e1e1ᵀ and ω = e2 both vanish (a genuine null direction).
+    n = 6
+    omega = jnp.zeros((1, n)).at[0, :2].set(1.0)
+    for diag, want in [((1.0, -1.0), True), ((0.0, 0.0), False)]:
+        A = jnp.diag(jnp.zeros(n).at[:2].set(jnp.asarray(diag)).at[2].set(1.0))
+        om = omega if want else jnp.zeros((1, n)).at[0, 1].set(1.0)
+        Y = om @ A
+        core = cv._nystrom_core(om @ Y.T, Y @ Y.T)
+        assert bool(cv._nystrom_not_psd(core)) is want
 
 
 def test_trace_errors(mats):
