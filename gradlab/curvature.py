@@ -806,7 +806,8 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
 
     var_x = jax.lax.cond(looks_psd, lambda: var_nys, var_res)
     use_x = var_x < var_h
-    use_nys = psd & looks_psd & ~_gap_to_floor(core0)
+    # without the declaration the Nyström branch is never taken (and its gap test not computed)
+    use_nys = (looks_psd & ~_gap_to_floor(core0)) if psd else jnp.zeros((), bool)
     false = jnp.zeros((), bool)
 
     def rest_probes():
@@ -839,6 +840,13 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     branch = jnp.where(use_x, jnp.where(use_nys, 1, 2), 0)
     est, bad = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
     return est, branch, bad
+
+
+def _nan_where(bad: Any, est: Estimate) -> Estimate:
+    """``est`` with its value and standard error replaced by NaN where ``bad`` (the traced check)."""
+    return est._replace(
+        value=jnp.where(bad, jnp.nan, est.value), std_error=jnp.where(bad, jnp.nan, est.std_error)
+    )
 
 
 def _raise_if_concrete(flag: Any, message: Callable[[], str]) -> None:
@@ -994,10 +1002,7 @@ def trace(
                 "Drop psd=True for an indefinite operator such as the Hessian of a non-convex loss."
             ),
         )
-        nan = jnp.full((), jnp.nan, dtype)
-        return Estimate(
-            jnp.where(bad, nan, est.value), jnp.where(bad, nan, est.std_error), est.num_matvecs
-        )
+        return _nan_where(bad, est)
     fn = _xtrace if method == "xtrace" else _xnystrace
     est, asym, not_psd = fn(mv, key, samp, m, n=n, **common)
     bad = asym > _SYM_RTOL
@@ -1019,10 +1024,7 @@ def trace(
             ),
         )
         bad = bad | not_psd
-    nan = jnp.full((), jnp.nan, dtype)
-    return Estimate(
-        jnp.where(bad, nan, est.value), jnp.where(bad, nan, est.std_error), est.num_matvecs
-    )
+    return _nan_where(bad, est)
 
 
 def hessian_trace(
