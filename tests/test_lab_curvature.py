@@ -185,6 +185,11 @@ BAD = [
     ({"train_step": 3}, "Did you mean 'train_steps'?"),
     ({"slq_probes": -1}, "curvature.slq_probes: expected an integer ≥ 0, got -1."),
     (
+        {"psd": True, "method": ["xtrace"]},
+        "curvature.psd: used only by method 'auto' (the other methods ignore it)",
+    ),
+    ({"psd": "yes"}, "curvature.psd"),
+    (
         {"train_steps": 100},
         "curvature.train_steps: used only at point 'trained'; add \"trained\" to curvature.point",
     ),
@@ -248,3 +253,32 @@ def test_diverging_training_is_a_failed_run_that_says_why(tmp_path: Path):
     assert not sweep.ok and len(sweep.failed) == 1
     assert "training diverged" in sweep.failed[0]["error"]
     assert "lower curvature.learning_rate" in sweep.failed[0]["error"]
+
+
+def test_psd_lets_auto_use_nystrom_on_a_convex_loss(tmp_path: Path):
+    # least squares: H = AᵀA is PSD, so the declaration is true; only auto's specs carry it (the
+    # other methods' run ids stay as without it)
+    cfg = tmp_path / "psd.toml"
+    cfg.write_text(
+        textwrap.dedent(
+            """
+            kind = "curvature"
+            repeats = 3
+            [curvature]
+            problem = [{name = "least_squares", dim = 40, num_samples = 60}]
+            method = ["hutchinson", "auto"]
+            num_matvecs = [20]
+            psd = true
+            top_k = 0
+            slq_probes = 0
+            """
+        )
+    )
+    specs = lab.load(cfg).specs()
+    assert {s["method"]["name"]: s.get("psd") for s in specs} == {"hutchinson": None, "auto": True}
+    sweep = lab.run(cfg, out=tmp_path / "o")
+    assert sweep.ok, sweep.failed
+    runs = json.loads((tmp_path / "o" / "runs.json").read_text())
+    auto = [r["summary"] for r in runs if r["spec"]["method"]["name"] == "auto"]
+    assert len(auto) == 3 and all(np.isfinite(a["value"]) for a in auto)
+    assert all(abs(a["value"] - a["exact_trace"]) <= 4 * a["std_error"] + 1e-9 for a in auto)

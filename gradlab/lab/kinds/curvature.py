@@ -15,6 +15,8 @@ Config section::
     slq_probes = 10            # the SLQ spectral density vs the dense spectrum (0: skip)
     slq_iters = 30
     mesh = false               # true: spread probe blocks over every local device (jax.sharding)
+    psd = false                # true: every problem's Hessian is PSD (a convex loss): lets "auto"
+                               #   choose XNysTrace (see gradlab.curvature.trace)
 
 Per run (problem × point × method × budget × repeat): :func:`gradlab.curvature.hessian_trace` at the
 point, its relative error against the trace of the dense Hessian (:func:`gradlab.curvature.hessian`),
@@ -75,6 +77,7 @@ class Section(Base):
     slq_probes: Annotated[int, Field(ge=0, le=1000, strict=True)] = 10
     slq_iters: Annotated[int, Field(ge=1, le=1000, strict=True)] = 30
     mesh: StrictBool = False
+    psd: StrictBool = False
     max_dim: PosInt = 4000
 
 
@@ -90,6 +93,11 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
             for key in ("optimizer", "learning_rate", "train_steps")
             if key in given
         ]
+    if section.psd and "auto" not in section.method:
+        errors.append(
+            f"{NAME}.psd: used only by method 'auto' (the other methods ignore it); add \"auto\" to "
+            f"{NAME}.method or remove psd."
+        )
     return section.model_copy(update={"problem": problems}), errors
 
 
@@ -114,6 +122,8 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
                             "mesh": sec.mesh,
                             "max_dim": sec.max_dim,
                         }
+                        if sec.psd and method == "auto":  # absent otherwise: run ids unchanged
+                            spec["psd"] = True
                         if point == "trained":
                             spec["train"] = {
                                 "optimizer": sec.optimizer,
@@ -203,11 +213,11 @@ def _hessian_fn():
     return lambda loss, x: curvature.hessian(loss, x)
 
 
-def _trace_fn(method: str, m: int):
+def _trace_fn(method: str, m: int, psd: bool = False):
     from gradlab import curvature
 
     def f(loss, x, key):
-        est = curvature.hessian_trace(loss, x, key, num_matvecs=m, method=method)
+        est = curvature.hessian_trace(loss, x, key, num_matvecs=m, method=method, psd=psd)
         return est.value, est.std_error, est.num_matvecs
 
     return f
@@ -342,23 +352,25 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
     H = 0.5 * (H + H.T)
     exact = float(np.trace(H))
     lam_all = np.linalg.eigvalsh(H)
-    method, m = spec["method"]["name"], spec["num_matvecs"]
+    method, m, psd = spec["method"]["name"], spec["num_matvecs"], spec.get("psd", False)
     if spec["mesh"]:  # eager: the probe blocks are spread over the devices of the mesh
         import time
 
         mesh = jax.make_mesh((jax.device_count(),), ("probes",))
         t0 = time.perf_counter()
-        est = curvature.hessian_trace(p.loss, x, k_est, num_matvecs=m, method=method, mesh=mesh)
+        est = curvature.hessian_trace(
+            p.loss, x, k_est, num_matvecs=m, method=method, mesh=mesh, psd=psd
+        )
         value, std, used = jax.block_until_ready((est.value, est.std_error, est.num_matvecs))
         seconds = time.perf_counter() - t0  # compilation included
     else:
-        (value, std, used), c, seconds = _run("trace", (method, m), (p.loss, x, k_est))
+        (value, std, used), c, seconds = _run("trace", (method, m, psd), (p.loss, x, k_est))
         compile_time += c
     value, std = float(value), float(std)
     if not np.isfinite(value):
         raise ValueError(
-            f"{method} gave a non-finite trace estimate (xnystrace needs a positive semi-definite "
-            f"Hessian; here λ_min = {lam_all[0]:.3g})."
+            f"{method} gave a non-finite trace estimate (xnystrace, and auto with curvature.psd = "
+            f"true, need a positive semi-definite Hessian; here λ_min = {lam_all[0]:.3g})."
         )
     summary: dict[str, Any] = {
         "d": d,
