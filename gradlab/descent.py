@@ -63,6 +63,9 @@ __all__ = ["History", "clear_cache", "fd_cg", "run"]
 
 DEFAULT_CHUNK_SIZE = 256
 DEFAULT_UNROLL = 1
+_SILENT_UNROLL = (
+    8  # unrecorded steps between two records: traced one by one up to this many, else a loop
+)
 MAX_CHUNK_SIZE = 1 << 16
 _CACHE_SIZE = 32
 
@@ -283,6 +286,28 @@ class _Config(NamedTuple):
     monitor_every: int
 
 
+def _update_reads_value(optimizer: Any, fn: Any, params: Any) -> bool:
+    """Whether ``optimizer.update(..., value=v, ...)`` can depend on ``v`` (traced once, abstractly).
+
+    ``optax.sgd``/``optax.adam`` accept the extra arguments but never read them: then the value of a step
+    that records nothing is dead code (:func:`_build`'s ``silent``). Conservative: ``v`` passed into any
+    equation (a nested call included) counts as read.
+    """
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), params)
+    dtype = jax.eval_shape(fn, like).dtype
+
+    def update(v, p):
+        state = optimizer.init(p)
+        return optimizer.update(p, state, p, value=v, grad=p, value_fn=fn)
+
+    try:
+        jaxpr = jax.make_jaxpr(update)(jax.ShapeDtypeStruct((), dtype), like).jaxpr
+    except Exception:  # an optimizer that cannot be traced this way: assume it reads the value
+        return True
+    v = jaxpr.invars[0]
+    return any(x is v for e in jaxpr.eqns for x in e.invars) or any(x is v for x in jaxpr.outvars)
+
+
 def _build(fn, strategy, optimizer, cfg: _Config):
     """The pure functions that get compiled: ``first`` (start + first segment) and ``segment``.
 
@@ -353,6 +378,19 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         gnorm = None if gnorm is None else gnorm.astype(dtype)
         return (new_params, new_state, counts, new_pending), loss.astype(dtype), gnorm
 
+    def silent(t, state, key, dtype):
+        """:func:`advance` for a step that records nothing. Unless the optimizer reads the value
+        (:func:`_update_reads_value`), the incoming value is carried on unchanged, so that the estimate's value (for
+        ``exact``, the loss reduction of ``value_and_grad``) is dead code in a loop of such steps."""
+        new, _, _ = advance(t, state, key, dtype)
+        if cfg.extra_args:
+            if "reads_value" not in info:  # traced once per compilation
+                info["reads_value"] = _update_reads_value(optimizer, fn, state[0])
+            if info["reads_value"]:
+                return new
+        pending = new[3]
+        return (*new[:3], (pending[0], state[3][1], *pending[2:]))
+
     def write(bufs, i, loss, gnorm, counts):
         """Write records (leading axis) at record slot ``i``."""
         bl, bg, bc = bufs
@@ -394,12 +432,19 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             t, state, bufs, _, _ = s
             new = state
             rec_l, rec_g, rec_c = [], [], []
-            for j in range(u):
-                new, loss, gnorm = advance(t + j, new, key, dtype)
-                if (j + 1) % m == 0:
-                    rec_l.append(loss)
-                    rec_g.append(gnorm)
-                    rec_c.append(new[2])
+            for i in range(u // m):
+                t0 = t + i * m
+                if m - 1 > _SILENT_UNROLL:  # a loop of the unrecorded steps, traced once
+                    new = lax.fori_loop(
+                        t0, t0 + m - 1, lambda tt, st: silent(tt, st, key, dtype), new
+                    )
+                else:
+                    for j in range(m - 1):
+                        new = silent(t0 + j, new, key, dtype)
+                new, loss, gnorm = advance(t0 + m - 1, new, key, dtype)
+                rec_l.append(loss)
+                rec_g.append(gnorm)
+                rec_c.append(new[2])
             losses = jnp.stack(rec_l)
             gnorms = None if rec_g[0] is None else jnp.stack(rec_g)
             cums = None if rec_c[0] is None else jnp.stack(rec_c)
@@ -588,13 +633,14 @@ def run(
       record_grad_norm: also record ``‖∇f(x_k)‖`` at every monitored step.
       monitor_every: record the loss (and costs, gradient norm) and test the stop only at every
         ``monitor_every``-th step (and the last one); default 1, every step. Larger values make cheap
-        steps cheaper (for strategies whose value is exact, the unrecorded losses are never computed),
-        ``History.steps`` lists the recorded steps, and a tolerance is then met at a multiple of
-        ``monitor_every`` (or at the last step).
+        steps cheaper: the unrecorded steps run as an inner loop (more than 8 of them) or one by one,
+        and unless the optimizer reads ``value`` (a line search; not ``optax.sgd``/``adam``) their
+        losses are never computed. ``History.steps`` lists the recorded steps, and a tolerance is then
+        met at a multiple of ``monitor_every`` (or at the last step).
       unroll: steps per block of the compiled loop (default 1; rounded up to a multiple of
         ``monitor_every``): the loop's per-iteration bookkeeping (counter, bounds and stop tests, buffer
         write — about a microsecond on a CPU) is paid once per block, at the price of tracing the step
-        ``unroll + 1`` times (compiles 1.5–3× longer at 8). Worth it only for cheap steps run many times
+        ``unroll/monitor_every + 1`` times (plus the inner loop's body) (compiles 1.5–3× longer at 8). Worth it only for cheap steps run many times
         through one cached executable (e.g. ``unroll=8`` for thousands of 5 µs steps). Results do not
         depend on it beyond floating-point reassociation by XLA.
 

@@ -159,6 +159,28 @@ def test_monitor_every_records_every_kth_step(unroll):
     np.testing.assert_allclose(float(p.loss(t.params)), t.loss[-1], rtol=1e-12)
 
 
+def test_unrecorded_steps_skip_the_value_only_where_the_optimizer_ignores_it():
+    p = lsq(2)
+    f = p.loss
+    assert not descent._update_reads_value(optax.sgd(0.1), f, p.init)
+    assert not descent._update_reads_value(optax.adam(0.1), f, p.init)
+    assert descent._update_reads_value(optax.lbfgs(), f, p.init)  # its line search reads f(x_k)
+    # L-BFGS between records (25 unrecorded steps: the inner loop) follows the recorded trajectory
+    run = lambda every: descent.run(  # noqa: E731
+        f,
+        p.init,
+        local_exact,
+        optax.lbfgs(),
+        key=jax.random.key(0),
+        num_steps=60,
+        monitor_every=every,
+    )
+    full, thin = run(1), run(26)
+    np.testing.assert_array_equal(thin.steps, [0, 26, 52, 60])
+    np.testing.assert_allclose(thin.loss, full.loss[thin.steps], rtol=1e-9)
+    np.testing.assert_array_equal(thin.num_fun_evals, full.num_fun_evals[thin.steps])
+
+
 def test_error_monitor_every_and_unroll():
     p = lsq(1)
     with pytest.raises(OptionError, match="monitor_every"):
