@@ -1,6 +1,8 @@
 """gradlab.curvature: HVPs against the dense Hessian, trace/diagonal/spectrum estimators against oracles and
 theory (float64, fixed seeds). Coverage of the error bars over 200 seeds is `slow`."""
 
+import collections
+import functools
 import os
 import subprocess
 import sys
@@ -164,6 +166,52 @@ def test_rtol_stopping_rule(mats):
     assert int(pp.num_matvecs) < 150 and abs(pp.value - tr) < 5 * pp.std_error
 
 
+@pytest.mark.parametrize("method", ["xtrace", "xnystrace"])
+def test_rtol_for_x_methods_grows_the_sketch(mats, method):
+    A, tr = mats["inv_k2"]
+    like = jnp.zeros(N)
+    traces = collections.Counter()
+
+    @functools.partial(jax.jit, static_argnames=("m", "rtol", "batch_size"))
+    def _est(A, key, m, rtol, batch_size):
+        traces[(m, rtol, batch_size)] += 1
+        return cv.trace(
+            lambda v: A @ v,
+            key,
+            like=like,
+            num_matvecs=m,
+            method=method,
+            rtol=rtol,
+            batch_size=batch_size,
+        )
+
+    def est(m, rtol=None, key=0, batch_size=None, scale=1.0):
+        return _est(scale * A, jax.random.key(key), m, rtol, batch_size)
+
+    # never stopping: the doubling sketch (XNysTrace 10, 20, 40, 60 probes; XTrace 10, 20, 30 with
+    # block Gram–Schmidt) reproduces the one-shot estimate from the same probes
+    one, grown = est(60), est(60, rtol=1e-15)
+    assert int(grown.num_matvecs) == 60
+    np.testing.assert_allclose(grown.value, one.value, rtol=1e-10)
+    np.testing.assert_allclose(grown.std_error, one.std_error, rtol=1e-8)
+    # stopping: at a sketch size of the schedule after the first (the stop also needs the previous
+    # size's estimate to agree), below the target, and within a sane error bar (coverage measured
+    # in benchmarks/README.md)
+    per_probe = 2 if method == "xtrace" else 1
+    for key in range(6):
+        loose = est(60, rtol=1e-2, key=key)
+        used = int(loose.num_matvecs)
+        assert used < 60 and used // per_probe in (20, 40), used  # never at the first size
+        assert loose.std_error < 1e-2 * abs(loose.value)
+        assert abs(loose.value - tr) < 4 * loose.std_error
+    # a small batch_size starts the schedule smaller
+    assert int(est(60, rtol=0.5, batch_size=4).num_matvecs) == 8 * per_probe
+    # compiled once: a new matrix and key reuse the executable, and the stop is decided at run time
+    doubled = est(60, rtol=1e-2, key=0, scale=2.0)
+    np.testing.assert_allclose(doubled.value, 2 * est(60, rtol=1e-2, key=0).value, rtol=1e-10)
+    assert traces[(60, 1e-2, None)] == 1
+
+
 def test_batch_size_and_jit_compile_once(mats):
     A, _ = mats["inv_k"]
 
@@ -269,8 +317,8 @@ def test_trace_errors(mats):
         cv.trace(
             mv, jax.random.key(0), like=like, num_matvecs=10, method="xtrace", sampler="rademacher"
         )
-    with pytest.raises(OptionError, match="rtol"):
-        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, method="xtrace", rtol=0.1)
+    with pytest.raises(OptionError, match=r"rtol.*auto"):
+        cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, method="auto", rtol=0.1)
     with pytest.raises(ShapeError, match="square"):
         cv.trace(lambda v: v[:5], jax.random.key(0), like=like, num_matvecs=10)
     B = jax.random.normal(jax.random.key(1), (N, N))
