@@ -1133,8 +1133,8 @@ def trace(
     Stopping rule (``rtol``): probes are drawn in blocks (``batch_size``, default 10) until
     ``std_error < rtol·|value|`` or the budget is spent; ``num_matvecs`` reports what was used. For
     ``hutch++`` the sketch is spent first and the residual probes are drawn in blocks. For ``xtrace``
-    and ``xnystrace`` every probe enters the sketch, so the sketch grows instead, doubling from one
-    block (10, 20, 40, … probes up to the budget; XTrace extends its QR factorization by block
+    and ``xnystrace`` every probe enters the sketch, so the sketch grows instead, doubling from
+    ``max(10, batch_size)`` probes (10, 20, 40, … up to the budget; XTrace extends its QR factorization by block
     Gram–Schmidt, so only the new ``AQ`` columns cost matvecs), the same probes as a one-shot run
     (which a run that never stops reproduces). They stop at a size where ``std_error < rtol·|value|``
     *and* the half-size sketch's estimate lies within 1.96 of its standard errors of the new one: a
@@ -1236,7 +1236,7 @@ def trace(
         est, asym, not_psd = fn(mv, key, samp, m, n=n, **common)
     else:
         fn = _xtrace_rtol if method == "xtrace" else _xnystrace_rtol
-        first = batch_size or _DEFAULT_BLOCK
+        first = max(_DEFAULT_BLOCK, batch_size or 0)  # a sketch of fewer probes says little
         est, asym, not_psd = fn(mv, key, samp, m, n=n, rtol=rtol, first=first, **common)
     bad = asym > _SYM_RTOL
     _raise_if_concrete(
