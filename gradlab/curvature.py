@@ -752,7 +752,7 @@ def _settled(est, prev, rtol):
     return small & (jnp.abs(est.value - prev.value) <= 1.96 * prev.std_error)
 
 
-def _xtrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first):
+def _xtrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, start=None):
     """XTrace with the stopping rule: the sketch grows by doubling until ``std_error < rtol·|value|``.
 
     The probes are those of a one-shot run (probe ``i`` is drawn from ``(key, i)``), so a run that
@@ -760,13 +760,18 @@ def _xtrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first):
     ``2(b − a)`` matvecs: ``Y_new = AΩ_new``, then block Gram–Schmidt (twice, for orthogonality)
     extends ``Y = QR`` by ``Q_new`` with ``R`` kept upper triangular, and only ``AQ_new`` is new.
     Buffers are ``(m/2, n)`` (those of a one-shot run); rows past the current size are zero.
+    ``start``: the first size's probes and products ``(Ω₀, AΩ₀)`` when already computed (``auto``).
     """
     K = m // 2
     sizes = _doubling(K, max(2, first))
     dtype = sampler.dtype
     s0 = sizes[0]
-    Om0 = _probes(sampler, key, 0, s0)
-    Q0, R0 = _orth(_apply(mv, Om0, batch_size=batch_size, mesh=mesh).T)
+    if start is None:
+        Om0 = _probes(sampler, key, 0, s0)
+        Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
+    else:
+        Om0, Y0 = start
+    Q0, R0 = _orth(Y0.T)
     Z0 = _apply(mv, Q0.T, batch_size=batch_size, mesh=mesh)
 
     def pad(x, rows):
@@ -806,7 +811,7 @@ def _xtrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first):
     return est, asym, None
 
 
-def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first):
+def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, start=None):
     """XNysTrace with the stopping rule: probes are added by doubling (``b − a`` matvecs from ``a`` to
     ``b`` probes; the Gram matrices grow by blocks) until ``std_error < rtol·|value|``. The probes are
     those of a one-shot run, so a run that never stops equals :func:`_xnystrace`."""
@@ -824,8 +829,11 @@ def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first):
     def grams(Om_a, Y_a, Om_b, Y_b):
         return Om_a @ Y_b.T, Y_a @ Y_b.T, Om_a @ Om_b.T
 
-    Om0 = _probes(sampler, key, 0, s0)
-    Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
+    if start is None:
+        Om0 = _probes(sampler, key, 0, s0)
+        Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
+    else:
+        Om0, Y0 = start
     Om = jnp.zeros((m, n), dtype).at[:s0].set(Om0)
     Y = jnp.zeros((m, n), dtype).at[:s0].set(Y0)
     G = tuple(jnp.zeros((m, m), dtype).at[:s0, :s0].set(g) for g in _grams(Om0, Y0))
@@ -976,6 +984,77 @@ def _nystrom_not_psd(core):
     return negative | lost
 
 
+def _auto_decide(G0, YtY0, OtO0, Y0, *, n, psd):
+    """``(use_x, use_nys)``: a sketch rather than Hutchinson, and XNysTrace rather than XTrace, from
+    a first block ``Y₀ = AΩ₀`` (``G₀ = Ω₀ᵀY₀``, ``YtY₀``, ``OtO₀`` its Gram matrices); see :func:`_auto`."""
+    k0 = G0.shape[0]
+    h = jnp.diagonal(G0)
+    var_h = jnp.var(h, ddof=1)
+    core0 = _nystrom_core(G0, YtY0)
+    nys_terms, _ = _nystrom_terms(core0, OtO0, n)
+    looks_psd = (_asymmetry(G0) < _SYM_RTOL) & ~_nystrom_not_psd(core0)
+    var_nys = jnp.var(nys_terms, ddof=1)
+
+    def var_res():  # 2·mean_i dist(y_i, span Y_{0,−i})², from Y₀ = QR
+        R0 = jnp.linalg.qr(Y0.T, mode="r")
+        Rinv = jax.scipy.linalg.solve_triangular(R0, jnp.eye(k0, dtype=R0.dtype), lower=False)
+        return 2.0 * jnp.mean(1.0 / jnp.sum(Rinv * Rinv, axis=1))
+
+    var_x = jax.lax.cond(looks_psd, lambda: var_nys, var_res)
+    use_x = var_x < var_h
+    # without the declaration the Nyström branch is never taken (and its gap test not computed)
+    use_nys = (looks_psd & ~_gap_to_floor(core0)) if psd else jnp.zeros((), bool)
+    return use_x, use_nys
+
+
+def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
+    """``auto`` with the stopping rule: the choice (:func:`_auto_decide`) is made from the first
+    ``s₀ = min(first, m/2)`` probes, which the chosen method then continues from (no matvec wasted):
+    Hutchinson in blocks of ``s₀`` probes, or the doubling sketch of XTrace / XNysTrace. The probes are
+    those of the chosen method's own rtol run, which this reproduces. Returns ``(estimate, branch,
+    bad)`` as :func:`_auto`."""
+    s0 = min(first, m // 2)
+    Om0 = _probes(sampler, key, 0, s0)
+    Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
+    G0, YtY0, OtO0 = _grams(Om0, Y0)
+    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, n=n, psd=psd)
+    false = jnp.zeros((), bool)
+    common = {"batch_size": batch_size, "mesh": mesh, "n": n, "rtol": rtol, "first": s0}
+
+    def hutch_branch():
+        first_block = _quad_stats(Om0, Y0)
+
+        def terms(start, num):
+            return jax.lax.cond(
+                start == 0,
+                lambda: first_block,
+                lambda: _quad_terms(mv, key, sampler, start, num, batch_size, mesh),
+            )
+
+        est = _sequential(
+            terms,
+            jnp.zeros((), sampler.dtype),
+            m,
+            batch_size=s0,
+            rtol=rtol,
+            offset=0,
+            name=sampler.name,
+        )
+        return est, false
+
+    def nys_branch():
+        est, asym, not_psd = _xnystrace_rtol(mv, key, sampler, m, start=(Om0, Y0), **common)
+        return est, not_psd | (asym > _SYM_RTOL)
+
+    def xtrace_branch():
+        est, _, _ = _xtrace_rtol(mv, key, sampler, m, start=(Om0, Y0), **common)
+        return est, false
+
+    branch = jnp.where(use_x, jnp.where(use_nys, 1, 2), 0)
+    est, bad = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
+    return est, branch, bad
+
+
 def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     """Hutchinson, XTrace or (``psd=True`` only) XNysTrace, decided from the first half of the probes.
 
@@ -1005,21 +1084,7 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
     G0, YtY0, OtO0 = _grams(Om0, Y0)
     h = jnp.diagonal(G0)
-    var_h = jnp.var(h, ddof=1)
-    core0 = _nystrom_core(G0, YtY0)
-    nys_terms, _ = _nystrom_terms(core0, OtO0, n)
-    looks_psd = (_asymmetry(G0) < _SYM_RTOL) & ~_nystrom_not_psd(core0)
-    var_nys = jnp.var(nys_terms, ddof=1)
-
-    def var_res():  # 2·mean_i dist(y_i, span Y_{0,−i})², from Y₀ = QR
-        R0 = jnp.linalg.qr(Y0.T, mode="r")
-        Rinv = jax.scipy.linalg.solve_triangular(R0, jnp.eye(k0, dtype=R0.dtype), lower=False)
-        return 2.0 * jnp.mean(1.0 / jnp.sum(Rinv * Rinv, axis=1))
-
-    var_x = jax.lax.cond(looks_psd, lambda: var_nys, var_res)
-    use_x = var_x < var_h
-    # without the declaration the Nyström branch is never taken (and its gap test not computed)
-    use_nys = (looks_psd & ~_gap_to_floor(core0)) if psd else jnp.zeros((), bool)
+    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, n=n, psd=psd)
     false = jnp.zeros((), bool)
 
     def rest_probes():
@@ -1140,8 +1205,9 @@ def trace(
     *and* the half-size sketch's estimate lies within 1.96 of its standard errors of the new one: a
     guard against optional stopping where a small sketch's error bar is accidentally small (with it,
     coverage of stopped estimates over 500 seeds, n = 200, rtol 3e-2..3e-3, is 0.93–0.96 on the
-    calibration spectra; without it 0.87–0.96). Not available for ``auto``, which decides from half
-    of the budget.
+    calibration spectra; without it 0.87–0.96). ``auto`` with ``rtol`` decides from the first
+    ``max(10, batch_size)`` probes (instead of half the budget) and continues the chosen method's
+    stopping rule from them, reproducing that method's own ``rtol`` run.
 
     Args:
       matvec: ``v -> A v`` on pytrees like ``like`` (e.g. :func:`hvp_operator`), JAX-traceable.
@@ -1162,8 +1228,8 @@ def trace(
 
     Raises:
       UnknownNameError: an unknown ``method`` or ``sampler``.
-      OptionError: a budget too small for the method, a sampler the method cannot use, ``rtol``
-        with ``auto``, a bad ``mesh``.
+      OptionError: a budget too small for the method, a sampler the method cannot use, a bad
+        ``rtol`` or ``mesh``.
       ShapeError: ``matvec`` does not map ``like``-shaped pytrees to ``like``-shaped pytrees.
       GradlabError: (outside ``jit``) ``xtrace``/``xnystrace`` on a non-symmetric operator, or
         ``xnystrace`` (or ``auto`` with ``psd=True`` where it chose XNysTrace) on one that is not
@@ -1195,12 +1261,6 @@ def trace(
         raise OptionError(f"psd: expected True or False, got {psd!r}.")
     if rtol is not None:
         rtol = check_positive("rtol", rtol)
-        if method == "auto":
-            raise OptionError(
-                "rtol: the stopping rule is not available for method='auto' (it decides from half "
-                "of the budget). Choose the method yourself ('hutchinson', 'hutch++', 'xtrace' or "
-                "'xnystrace') with rtol, or drop rtol."
-            )
     if method in ("xtrace", "xnystrace", "auto") and sampler not in _ROTATION_INVARIANT:
         raise OptionError(
             f"sampler: method={method!r} needs rotation-invariant probes, one of "
@@ -1221,7 +1281,13 @@ def trace(
     if method == "hutch++":
         return _hutchpp(mv, key, samp, m, rtol=rtol, n=n, **common)
     if method == "auto":
-        est, _, bad = _auto(mv, key, samp, m, n=n, psd=psd, **common)
+        if rtol is None:
+            est, _, bad = _auto(mv, key, samp, m, n=n, psd=psd, **common)
+        else:
+            first = max(_DEFAULT_BLOCK, batch_size or 0)
+            est, _, bad = _auto_rtol(
+                mv, key, samp, m, n=n, psd=psd, rtol=rtol, first=first, **common
+            )
         _raise_if_concrete(
             bad,
             lambda: (
