@@ -820,14 +820,7 @@ def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, st
     s0 = sizes[0]
 
     def finish(Hm, YtY, OtO, s):
-        Hm, YtY, OtO = Hm[:s, :s], YtY[:s, :s], OtO[:s, :s]
-        core = _nystrom_core(Hm, YtY)
-        t, t2 = _nystrom_terms(core, OtO, n)
-        est = Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(s))
-        return est, _asymmetry(Hm), _nystrom_not_psd(core)
-
-    def grams(Om_a, Y_a, Om_b, Y_b):
-        return Om_a @ Y_b.T, Y_a @ Y_b.T, Om_a @ Om_b.T
+        return _xnystrace_finish(Hm[:s, :s], YtY[:s, :s], OtO[:s, :s], n)
 
     if start is None:
         Om0 = _probes(sampler, key, 0, s0)
@@ -845,7 +838,8 @@ def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, st
         Y_new = _apply(mv, Om_new, batch_size=batch_size, mesh=mesh)
         Om, Y = Om.at[a:b].set(Om_new), Y.at[a:b].set(Y_new)
         # new rows/columns a:b of ΩᵀY, YᵀY, ΩᵀΩ against all b probes (and ΩᵀY's transposed block)
-        h_row, y_row, o_row = grams(Om_new, Y_new, Om[:b], Y[:b])  # Ω_newᵀ·Y, Y_newᵀ·Y, Ω_newᵀ·Ω
+        # Ω_newᵀ·Y, Y_newᵀ·Y, Ω_newᵀ·Ω
+        h_row, y_row, o_row = Om_new @ Y[:b].T, Y_new @ Y[:b].T, Om_new @ Om[:b].T
         h_col = Om[:a] @ Y_new.T  # Ω_oldᵀ·Y_new
         Hm = Hm.at[a:b, :b].set(h_row).at[:a, a:b].set(h_col)
         YtY = YtY.at[a:b, :b].set(y_row).at[:a, a:b].set(y_row[:, :a].T)
@@ -923,14 +917,15 @@ def _grams(Omega, Y):
 def _xnystrace(mv, key, sampler, m, *, batch_size, mesh, n):
     Omega = _probes(sampler, key, 0, m)  # rows: (m, n)
     Y = _apply(mv, Omega, batch_size=batch_size, mesh=mesh)
-    Hm, YtY, OtO = _grams(Omega, Y)
+    return _xnystrace_finish(*_grams(Omega, Y), n)
+
+
+def _xnystrace_finish(Hm, YtY, OtO, n):
+    """``(estimate, asymmetry, not_psd)`` of XNysTrace from the Gram matrices of :func:`_grams`."""
     core = _nystrom_core(Hm, YtY)
     t, t2 = _nystrom_terms(core, OtO, n)
-    return (
-        Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(m)),
-        _asymmetry(Hm),
-        _nystrom_not_psd(core),
-    )
+    est = Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(Hm.shape[0]))
+    return est, _asymmetry(Hm), _nystrom_not_psd(core)
 
 
 def _nystrom_mu(core):
@@ -1104,10 +1099,8 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
         YtY = jnp.block([[YtY0, Y01], [Y01.T, Y1 @ Y1.T]])
         O01 = Om0 @ Om1.T
         OtO = jnp.block([[OtO0, O01], [O01.T, Om1 @ Om1.T]])
-        core = _nystrom_core(Hm, YtY)
-        t, t2 = _nystrom_terms(core, OtO, n)
-        bad = _nystrom_not_psd(core) | (_asymmetry(Hm) > _SYM_RTOL)
-        return Estimate(jnp.mean(t), _loo_se(t, t2), jnp.asarray(m)), bad
+        est, asym, not_psd = _xnystrace_finish(Hm, YtY, OtO, n)
+        return est, not_psd | (asym > _SYM_RTOL)
 
     def xtrace_branch():
         Q0, R0 = _orth(Y0.T)
@@ -1276,6 +1269,7 @@ def trace(
         )
     samp = _probe_sampler(sampler, jnp.zeros(n, dtype), 1)
     common = {"batch_size": batch_size, "mesh": mesh}
+    first = max(_DEFAULT_BLOCK, batch_size or 0)  # the X-methods' first sketch size under rtol
     if method == "hutchinson":
         return _hutchinson(mv, key, samp, m, rtol=rtol, **common)
     if method == "hutch++":
@@ -1284,7 +1278,6 @@ def trace(
         if rtol is None:
             est, _, bad = _auto(mv, key, samp, m, n=n, psd=psd, **common)
         else:
-            first = max(_DEFAULT_BLOCK, batch_size or 0)
             est, _, bad = _auto_rtol(
                 mv, key, samp, m, n=n, psd=psd, rtol=rtol, first=first, **common
             )
@@ -1302,7 +1295,6 @@ def trace(
         est, asym, not_psd = fn(mv, key, samp, m, n=n, **common)
     else:
         fn = _xtrace_rtol if method == "xtrace" else _xnystrace_rtol
-        first = max(_DEFAULT_BLOCK, batch_size or 0)  # a sketch of fewer probes says little
         est, asym, not_psd = fn(mv, key, samp, m, n=n, rtol=rtol, first=first, **common)
     bad = asym > _SYM_RTOL
     _raise_if_concrete(
