@@ -259,27 +259,33 @@ def test_batch_size_and_jit_compile_once(mats):
     np.testing.assert_allclose(a.value, b.value, rtol=1e-12)
 
 
-def _auto_branch(A, psd, m=40, key=0):
+def _auto_branch(A, psd, m=40, keys=(0,)):
+    """auto's choice for each seed in ``keys`` (one compilation, ``lax.map`` over the keys)."""
     like = jnp.zeros(A.shape[0])
     mv, n, _ = cv._flat_operator(lambda v: A @ v, like)
     samp = cv._probe_sampler("sphere", like, 1)
-    run = jax.jit(lambda k: cv._auto(mv, k, samp, m, batch_size=None, mesh=None, n=n, psd=psd)[1])
-    return int(run(jax.random.key(key)))
+    run = jax.jit(
+        lambda ks: jax.lax.map(
+            lambda k: cv._auto(mv, k, samp, m, batch_size=None, mesh=None, n=n, psd=psd)[1], ks
+        )
+    )
+    return [int(b) for b in run(jnp.stack([jax.random.key(k) for k in keys]))]
 
 
 def test_auto_picks_hutchinson_on_flat_and_sketch_on_decaying(mats):
     # 0 Hutchinson, 1 XNysTrace, 2 XTrace. On the flat spectrum resphered XNysTrace ties Hutchinson
     # (median errors 2.2e-3 vs 2.4e-3 at m = 30), so either is right there; XTrace (1.5x worse) is
-    # not. A gap onto a flat floor (10 eigenvalues 1, the rest 1e-2) takes XTrace even for a PSD
-    # operator; without psd=True, XNysTrace is never chosen.
+    # not — and without psd=True it must be judged by its own residual statistic, not XNysTrace's
+    # terms (which chose it for most seeds). A gap onto a flat floor (10 eigenvalues 1, the rest
+    # 1e-2) takes XTrace even for a PSD operator; without psd=True, XNysTrace is never chosen.
     for name, want_psd, want in [
-        ("flat", (0, 1), (0, 2)),
+        ("flat", (0, 1), (0,)),
         ("inv_k2", (1,), (2,)),
         ("lowrank_noise", (2,), (2,)),
     ]:
         A, _ = mats[name]
-        assert _auto_branch(A, psd=True) in want_psd, name
-        assert _auto_branch(A, psd=False) in want, name
+        assert set(_auto_branch(A, psd=True, keys=range(4))) <= set(want_psd), name
+        assert set(_auto_branch(A, psd=False, keys=range(4))) <= set(want), name
 
 
 def _indefinite_tail(n, q, key=3):
@@ -295,13 +301,13 @@ def test_auto_never_trusts_nystrom_on_an_indefinite_operator():
     A, tr = _indefinite_tail(N, 150)
     like = jnp.zeros(N)
     mv = lambda v: A @ v  # noqa: E731
+    assert 1 not in _auto_branch(A, psd=False, m=100, keys=range(5))
     for seed in range(5):
-        assert _auto_branch(A, psd=False, m=100, key=seed) != 1
         est = cv.trace(mv, jax.random.key(seed), like=like, num_matvecs=100, method="auto")
         assert abs(float(est.value) - tr) <= 4 * float(est.std_error), seed
     # 100 positive: the 50-probe half looks PSD, the full 100-probe sketch does not
     B, _ = _indefinite_tail(N, 100)
-    assert _auto_branch(B, psd=True, m=100) == 1
+    assert _auto_branch(B, psd=True, m=100) == [1]
     with pytest.raises(GradlabError, match="psd"):  # declared PSD, wrongly, and the sketch shows it
         cv.trace(
             lambda v: B @ v, jax.random.key(0), like=like, num_matvecs=100, method="auto", psd=True
