@@ -461,21 +461,22 @@ def _structural_se(
     interval: 0.90–0.93 on the fast-decaying ones).
     """
     k_f = jnp.asarray(k, dtype=fro.dtype)
-    spread_var = c_var
-    if name == "gaussian":
-        var = 2.0 * fro
-    elif name == "sphere":
+    # (base, base_var): the estimated quantity the variance is proportional to, and the sample
+    # variance of its per-probe terms, for the Satterthwaite degrees of freedom
+    if name == "sphere":
         n = zd_mean.shape[0]
-        spread_var = d_var
         var = 2.0 * n / (n + 2.0) * spread
+        base, base_var = spread, d_var
+    elif name == "gaussian":
+        var = 2.0 * fro
+        base, base_var = fro, c_var
     else:
         s = jnp.sum(zd_mean * zd_mean)
         diag_sq = jnp.maximum((s - fro / k_f) / jnp.maximum(1.0 - 1.0 / k_f, 0.5), 0.0)
         var = 2.0 * jnp.maximum(fro - diag_sq, 0.0)
+        base, base_var = fro, c_var
     tiny = jnp.finfo(fro.dtype).tiny
-    if name != "sphere":
-        spread = fro
-    dof = 2.0 * k_f * spread * spread / jnp.maximum(spread_var, tiny)
+    dof = 2.0 * k_f * base * base / jnp.maximum(base_var, tiny)
     return jnp.sqrt(var / k_f) * _t_ratio(jnp.clip(dof, 1.0, 1e6))
 
 
