@@ -58,6 +58,8 @@ Edgeworth Expansion, Springer; Efron & Stein (1981), The jackknife estimate of v
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -359,6 +361,23 @@ def _probe_sampler(name: str, flat_like: jax.Array, num: int) -> samplers.Sample
 
 def _probes(sampler: samplers.Sampler, key: Any, start: Any, num: int) -> jax.Array:
     """Probes ``start, …, start+num−1`` (rows), scaled so ``E[z zᵀ] = I``."""
+    return _probe_rows(sampler.name, sampler.dim, jnp.dtype(sampler.dtype), key, start, num)
+
+
+# The array-only pieces of the estimators are jitted with their options static (as jax.numpy's
+# functions are): an eager ``trace`` call then compiles a handful of programs, cached by shape across
+# calls, instead of hundreds of single operations (12 s → 2 s for a first eager XNysTrace call);
+# under an outer ``jit`` they are inlined.
+def _jit(fn: Callable) -> Callable:
+    """``jax.jit`` with the arguments named ``name``, ``n``, ``dim``, ``dtype``, ``num``, ``psd`` static."""
+    static = ("name", "n", "dim", "dtype", "num", "psd")
+    params = inspect.signature(fn).parameters
+    return functools.wraps(fn)(jax.jit(fn, static_argnames=[a for a in static if a in params]))
+
+
+@_jit
+def _probe_rows(name: str, dim: int, dtype: Any, key: Any, start: Any, num: int) -> jax.Array:
+    sampler = _probe_sampler(name, jnp.zeros(dim, dtype), 1)
     idx = start + jnp.arange(num)
     scale = 1.0 / math.sqrt(sampler.second_moment)
     return scale * jax.vmap(sampler.direction, in_axes=(None, 0))(key, idx)
@@ -415,6 +434,7 @@ def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: An
 # --------------------------------------------------------------------------------------------------
 
 
+@_jit
 def _quad_stats(Z: jax.Array, RZ: jax.Array) -> tuple:
     """Per-probe quadratic forms ``t_i = z_iᵀRz_i``, squared norms ``c_i = ‖Rz_i‖²``, the summed
     diagonal products ``Σ_i z_i ⊙ Rz_i`` and ``e_i = ‖Rz_i − (t_i/‖z_i‖²) z_i‖² = c_i − t_i²/‖z_i‖²``
@@ -432,7 +452,8 @@ def _structural_se(
     fro: Any,
     c_var: Any,
     zd_mean: jax.Array,
-    spread: Any = None,
+    e_mean: Any = None,
+    t_m2: Any = None,
     d_var: Any = None,
 ) -> jax.Array:
     """Standard error of the mean of ``k`` iid quadratic forms ``zᵀRz`` from the structure of their variance.
@@ -442,10 +463,11 @@ def _structural_se(
     ``R`` these bound the variance, which involves ``(R + Rᵀ)/2``). ``‖R‖_F² = E‖Rz‖²`` is estimated
     by ``fro`` = mean ``c_i`` and ``Σ r_jj²`` from the Hutchinson diagonal ``d̂ = mean z_i ⊙ Rz_i``
     (``zd_mean``), bias-corrected with ``E Σ d̂_j² = Σ r_jj² + (‖R‖_F² − Σ r_jj²)/k`` (exact for a
-    diagonal ``R``: then ``d̂ = diag R`` and the error is 0). Sphere: ``spread`` estimates
-    ``‖R‖_F² − (tr R)²/n`` as ``mean_i e_i + m₂/n`` (:func:`_quad_stats`'s ``e_i = c_i − t_i²/n``,
-    ``m₂`` the terms' variance: equal to ``fro − t̄²/n`` but free of its cancellation, so an exact
-    case such as ``R = cI`` gets a 0 error bar), and the Satterthwaite degrees of freedom use
+    diagonal ``R``: then ``d̂ = diag R`` and the error is 0). Sphere: ``‖R‖_F² − (tr R)²/n`` is
+    estimated as ``e_mean + t_m2/n`` (``e_mean`` the mean of :func:`_quad_stats`'s ``e_i = c_i −
+    t_i²/n``, ``t_m2`` the terms' variance with divisor ``k``: equal to ``fro − t̄²/n`` but free of
+    its cancellation, so an exact case such as ``R = cI`` gets a 0 error bar), and the Satterthwaite
+    degrees of freedom use
     ``d_var``, the sample variance of ``c_i − (2t̄/n)·t_i`` (the delta method). ``n = len(zd_mean)``.
 
     Why not the sample standard deviation of the terms: where a few eigenvalues dominate ``R`` the
@@ -465,6 +487,7 @@ def _structural_se(
     # variance of its per-probe terms, for the Satterthwaite degrees of freedom
     if name == "sphere":
         n = zd_mean.shape[0]
+        spread = e_mean + t_m2 / n
         var = 2.0 * n / (n + 2.0) * spread
         base, base_var = spread, d_var
     elif name == "gaussian":
@@ -480,14 +503,15 @@ def _structural_se(
     return jnp.sqrt(var / k_f) * _t_ratio(jnp.clip(dof, 1.0, 1e6))
 
 
+@_jit
 def _quad_estimate(name: str, t: jax.Array, c: jax.Array, zd: jax.Array, e: jax.Array) -> tuple:
     """Mean and standard error (:func:`_structural_se`) of iid quadratic forms, from
     :func:`_quad_stats` ``(t, c, zd, e)``."""
     k, n = t.shape[0], zd.shape[0]
     t_mean = jnp.mean(t)
-    spread = jnp.mean(e) + jnp.var(t) / n
     d_var = jnp.var(c - (2.0 * t_mean / n) * t, ddof=1)
-    se = _structural_se(name, k, jnp.mean(c), jnp.var(c, ddof=1), zd / k, spread, d_var)
+    c_var = jnp.var(c, ddof=1)
+    se = _structural_se(name, k, jnp.mean(c), c_var, zd / k, jnp.mean(e), jnp.var(t), d_var)
     return t_mean, se
 
 
@@ -539,8 +563,8 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
         sct = scu + c * sc
         sd, sdd = sc - a * st, sc2 - 2 * a * sct + a * a * stt
         d_var = jnp.maximum(sdd - sd * sd / k, 0.0) / jnp.maximum(k - 1, 1.0)
-        spread = se_ / k + jnp.maximum(s2 / k - d * d, 0.0) / n
-        return c + d, _structural_se(name, k, sc / k, c_var, szd / k, spread, d_var)
+        t_m2 = jnp.maximum(s2 / k - d * d, 0.0)
+        return c + d, _structural_se(name, k, sc / k, c_var, szd / k, se_ / k, t_m2, d_var)
 
     def body(state):
         b, c, s1, s2, sc, sc2, szd, scu, se_ = state
@@ -717,6 +741,7 @@ def _xtrace(mv, key, sampler, m, *, batch_size, mesh, n):
     return est, _asymmetry(W.T @ R), None  # ΩᵀY = ΩᵀQR = WᵀR
 
 
+@_jit
 def _xtrace_finish(Omega, Q, R, Z, n):
     """The XTrace estimate from ``Y = AΩ = QR`` and ``Z = AQ``; exact (``tr QᵀAQ``) if ``Y`` is rank-deficient.
 
@@ -733,6 +758,23 @@ def _xtrace_finish(Omega, Q, R, Z, n):
     return Estimate(value, se, jnp.asarray(2 * k)), W
 
 
+def _switch(index: Any, branches: list[Callable], *operands: Any) -> Any:
+    """``lax.switch(index, branches, *operands)``, or, for a concrete ``index`` (an eager call),
+    only the chosen branch: eagerly ``lax.switch`` traces and compiles every branch on each call
+    (their closures are new arrays), which made an eager ``trace(..., method="auto")`` take seconds
+    per call; under ``jit`` it is ``lax.switch``."""
+    try:
+        i = int(index)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return jax.lax.switch(index, branches, *operands)
+    return branches[i](*operands)
+
+
+def _cond(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+    """``lax.cond`` that runs only the taken branch for a concrete ``pred`` (see :func:`_switch`)."""
+    return _switch(jnp.asarray(pred, jnp.int32), [false_fn, true_fn], *operands)
+
+
 def _doubling(total: int, first: int) -> list[int]:
     """Static sketch sizes of the X-methods' stopping rule: ``first, 2·first, 4·first, …, total``."""
     sizes = [min(total, first)]
@@ -744,13 +786,13 @@ def _doubling(total: int, first: int) -> list[int]:
 def _grow(sizes, init, extend, done):
     """Run ``extend(carry, start, stop)`` for the sizes after the first until ``done(carry)``.
 
-    The sizes are static (one traced branch per level, each skipped with ``lax.cond`` once done), so
+    The sizes are static (one traced branch per level, each skipped with :func:`_cond` once done), so
     the loop is jit-compatible with fixed shapes and compiles ``len(sizes)`` finishing computations.
     """
     carry = init
     prev = None
     for start, stop in itertools.pairwise(sizes):
-        carry = jax.lax.cond(
+        carry = _cond(
             done(carry, prev), lambda c: c, lambda c, a=start, b=stop: extend(c, a, b), carry
         )
         prev = carry[1]
@@ -925,6 +967,7 @@ def _nystrom_terms(core, OtO, n):
     return t, t2
 
 
+@_jit
 def _grams(Omega, Y):
     """``(ΩᵀY, YᵀY, ΩᵀΩ)`` from the rows ``(k, n)`` of ``Ω`` and ``Y`` (contracting their contiguous axis)."""
     return Omega @ Y.T, Y @ Y.T, Omega @ Omega.T
@@ -936,6 +979,7 @@ def _xnystrace(mv, key, sampler, m, *, batch_size, mesh, n):
     return _xnystrace_finish(*_grams(Omega, Y), n)
 
 
+@_jit
 def _xnystrace_finish(Hm, YtY, OtO, n):
     """``(estimate, asymmetry, not_psd)`` of XNysTrace from the Gram matrices of :func:`_grams`."""
     core = _nystrom_core(Hm, YtY)
@@ -995,6 +1039,7 @@ def _nystrom_not_psd(core):
     return negative | lost
 
 
+@_jit
 def _auto_decide(G0, YtY0, OtO0, Y0, *, n, psd):
     """``(use_x, use_nys)``: a sketch rather than Hutchinson, and XNysTrace rather than XTrace, from
     a first block ``Y₀ = AΩ₀`` (``G₀ = Ω₀ᵀY₀``, ``YtY₀``, ``OtO₀`` its Gram matrices); see :func:`_auto`."""
@@ -1017,7 +1062,7 @@ def _auto_decide(G0, YtY0, OtO0, Y0, *, n, psd):
     # the sketch's per-probe variance of the method that would run: a statistic of XNysTrace's terms
     # says nothing about XTrace (with psd=False on a flat spectrum it chose XTrace 2/3 of the time,
     # 1.2–1.6× Hutchinson's error)
-    var_x = jax.lax.cond(use_nys, var_nys, var_res)
+    var_x = _cond(use_nys, var_nys, var_res)
     use_x = var_x < var_h
     return use_x, use_nys
 
@@ -1040,7 +1085,7 @@ def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
         first_block = _quad_stats(Om0, Y0)
 
         def terms(start, num):
-            return jax.lax.cond(
+            return _cond(
                 start == 0,
                 lambda: first_block,
                 lambda: _quad_terms(mv, key, sampler, start, num, batch_size, mesh),
@@ -1066,7 +1111,7 @@ def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
         return est, false
 
     branch = jnp.where(use_x, jnp.where(use_nys, 1, 2), 0)
-    est, bad = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
+    est, bad = _switch(branch, [hutch_branch, nys_branch, xtrace_branch])
     return est, branch, bad
 
 
@@ -1135,7 +1180,7 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
         return _xtrace_finish(Om0, Q0.T, R0, Z, n)[0], false
 
     branch = jnp.where(use_x, jnp.where(use_nys, 1, 2), 0)
-    est, bad = jax.lax.switch(branch, [hutch_branch, nys_branch, xtrace_branch])
+    est, bad = _switch(branch, [hutch_branch, nys_branch, xtrace_branch])
     return est, branch, bad
 
 
@@ -1264,8 +1309,13 @@ def trace(
     ...             method="xnystrace")
     >>> bool(abs(est.value - lam.sum()) < 3 * est.std_error), int(est.num_matvecs)
     (True, 40)
-    >>> est = trace(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(200), num_matvecs=160,
-    ...             method="xtrace", rtol=1e-2)   # stops when the error bar is 1% of the value
+
+    Under ``jax.jit`` the whole estimator compiles into one program (an eager call runs op by op;
+    with ``rtol``, whose sketch sizes change, that is many small compilations):
+
+    >>> run = jax.jit(lambda key, A: trace(lambda v: A @ v, key, like=jnp.zeros(200),
+    ...                                    num_matvecs=160, method="xtrace", rtol=1e-2))
+    >>> est = run(jax.random.key(0), A)   # stops when the error bar is 1% of the value
     >>> bool(est.std_error < 1e-2 * est.value), int(est.num_matvecs) < 160
     (True, True)
 
@@ -1534,7 +1584,9 @@ def eigenvalues(
 
     >>> import jax, jax.numpy as jnp
     >>> A = jnp.diag(jnp.arange(1.0, 51.0))
-    >>> ev = eigenvalues(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(50), k=3, num_iters=50)
+    >>> top3 = jax.jit(lambda key, A: eigenvalues(lambda v: A @ v, key, like=jnp.zeros(50), k=3,
+    ...                                           num_iters=50))
+    >>> ev = top3(jax.random.key(0), A)
     >>> [round(float(t), 8) for t in ev.values]
     [50.0, 49.0, 48.0]
 
