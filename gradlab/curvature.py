@@ -122,6 +122,10 @@ _DEFAULT_SAMPLER = {
 }
 _SYM_RTOL = 1e-6  # relative asymmetry of Ωᵀ A Ω above which the operator is "not symmetric"
 _DEFAULT_BLOCK = 10  # probes per block of the rtol stopping rule (when batch_size is None)
+# the smallest standard error reported, in units of eps·|value|: on an exactly low-rank operator the
+# sketch captures everything and the stochastic part is rounding, while the rounding error of the
+# low-rank part itself (0.5–5 ulps, measured) is not in it (coverage 0.07–0.9 before this floor)
+_ROUNDING_FLOOR = 2.0
 
 
 class Estimate(NamedTuple):
@@ -1184,6 +1188,16 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     return est, branch, bad
 
 
+def _floored(est: Estimate) -> Estimate:
+    """``est`` with ``std_error ≥ 2·eps·|value|``: a computed trace carries rounding error of a few
+    ulps that no sampling statistic sees (on an exactly low-rank operator the sketch leaves a
+    residual of pure rounding, and XTrace/XNysTrace report 0); the floor is far below any sampling
+    error otherwise."""
+    eps = jnp.finfo(est.value.dtype).eps
+    floor = _ROUNDING_FLOOR * eps * jnp.abs(est.value)
+    return est._replace(std_error=jnp.maximum(est.std_error, floor))
+
+
 def _nan_where(bad: Any, est: Estimate) -> Estimate:
     """``est`` with its value and standard error replaced by NaN where ``bad`` (the traced check)."""
     return est._replace(
@@ -1256,10 +1270,13 @@ def trace(
     where the naive ``s²/k`` is 0.25–0.85 of the variance and the jackknife 1.2–20×. Coverage of
     ``±1.96·std_error`` over 1000 seeds is 0.93–0.97 for every method on spectra ``∝ 1/k²``, ``1/k``,
     flat and low rank plus noise at n = 1000 and m = 10, 30, 100, 300, and at n = 200 with m = 10 and
-    30 (also ``e^{−k/10}``, ``1/√k``, ``1/k³``, rank 5 for Hutchinson and Hutch++), except XTrace with
-    5 probes on low rank plus noise (0.979–0.982: conservative). Where ``auto`` picks Hutchinson, its
-    variance comes from the second half of the probes only: the first half's small spread is what
-    chose Hutchinson, so it is biased low given the choice (coverage 0.918 on ``1/k`` at m = 10).
+    30 (also ``e^{−k/10}``, ``1/√k``, ``1/k³`` for Hutchinson and Hutch++), except XTrace with
+    5 probes on low rank plus noise (0.979–0.982: conservative). Where ``auto`` picks Hutchinson it
+    uses the structural standard error of all its probes, not their sample variance: the first half's
+    small spread is what chose Hutchinson, so that would be biased low given the choice (coverage
+    0.918 on ``1/k`` at m = 10). The standard error is never below ``2·eps·|value|``: on an exactly
+    low-rank operator the sketch captures it all and no sampling statistic sees the few ulps of
+    rounding left (XTrace and XNysTrace reported 0 there, Hutch++ the residual's rounding only).
 
     Stopping rule (``rtol``): probes are drawn in blocks (``batch_size``, default 10) until
     ``std_error < rtol·|value|`` or the budget is spent; ``num_matvecs`` reports what was used. For
@@ -1349,9 +1366,9 @@ def trace(
     common = {"batch_size": batch_size, "mesh": mesh}
     first = max(_DEFAULT_BLOCK, batch_size or 0)  # the X-methods' first sketch size under rtol
     if method == "hutchinson":
-        return _hutchinson(mv, key, samp, m, rtol=rtol, **common)
+        return _floored(_hutchinson(mv, key, samp, m, rtol=rtol, **common))
     if method == "hutch++":
-        return _hutchpp(mv, key, samp, m, rtol=rtol, n=n, **common)
+        return _floored(_hutchpp(mv, key, samp, m, rtol=rtol, n=n, **common))
     if method == "auto":
         if rtol is None:
             est, _, bad = _auto(mv, key, samp, m, n=n, psd=psd, **common)
@@ -1367,7 +1384,7 @@ def trace(
                 "Drop psd=True for an indefinite operator such as the Hessian of a non-convex loss."
             ),
         )
-        return _nan_where(bad, est)
+        return _nan_where(bad, _floored(est))
     if rtol is None:
         fn = _xtrace if method == "xtrace" else _xnystrace
         est, asym, not_psd = fn(mv, key, samp, m, n=n, **common)
@@ -1393,7 +1410,7 @@ def trace(
             ),
         )
         bad = bad | not_psd
-    return _nan_where(bad, est)
+    return _nan_where(bad, _floored(est))
 
 
 def hessian_trace(
