@@ -471,8 +471,8 @@ def _structural_se(
     estimated as ``e_mean + t_m2/n`` (``e_mean`` the mean of :func:`_quad_stats`'s ``e_i = c_i −
     t_i²/n``, ``t_m2`` the terms' variance with divisor ``k``: equal to ``fro − t̄²/n`` but free of
     its cancellation, so an exact case such as ``R = cI`` gets a 0 error bar), and the Satterthwaite
-    degrees of freedom use
-    ``d_var``, the sample variance of ``c_i − (2t̄/n)·t_i`` (the delta method). ``n = len(zd_mean)``.
+    degrees of freedom use ``d_var``, the sample variance of ``c_i − (2t̄/n)·t_i`` (the delta
+    method). ``n = len(zd_mean)``.
 
     Why not the sample standard deviation of the terms: where a few eigenvalues dominate ``R`` the
     terms are ``χ²₁``-like and their sample variance (a fourth moment) is small exactly when the mean
