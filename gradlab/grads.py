@@ -185,6 +185,36 @@ def _map(fn: Callable, xs: Any, batch_size: int | None):
     return jax.lax.map(fn, xs, batch_size=batch_size)
 
 
+def _map_chunks(chunk_fn: Callable, xs: jax.Array, batch_size: int | None):
+    """``chunk_fn`` (rows in, rows out) on all rows of ``xs`` at once, or on chunks of ``batch_size`` rows
+    through ``lax.map`` (full chunks, then the remainder), as ``lax.map(..., batch_size=)`` does for a
+    per-row function."""
+    n = xs.shape[0]
+    if batch_size is None or batch_size >= n:
+        return chunk_fn(xs)
+    num = n // batch_size
+    head = xs[: num * batch_size].reshape(num, batch_size, *xs.shape[1:])
+    out = jax.lax.map(chunk_fn, head)
+    out = jax.tree.map(lambda o: o.reshape(num * batch_size, *o.shape[2:]), out)
+    if num * batch_size == n:
+        return out
+    rest = chunk_fn(xs[num * batch_size :])
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+
+
+def _plus_minus(f_flat: Callable, x: jax.Array, offsets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``f(x + o_i)`` and ``f(x − o_i)`` for the rows ``o_i`` of ``offsets`` (``b × d``), as *one* vmapped
+    batch of ``2b`` points: for a loss built on matrix products the ``2b`` evaluations become one
+    matrix–matrix product (the data read once) rather than two of ``b`` rows. A single direction keeps its
+    two evaluations apart (the concatenation costs more than it saves on small problems)."""
+    b = offsets.shape[0]
+    xb = x[None, :]
+    if b == 1:
+        return jax.vmap(f_flat)(xb + offsets), jax.vmap(f_flat)(xb - offsets)
+    fs = jax.vmap(f_flat)(jnp.concatenate([xb + offsets, xb - offsets]))
+    return fs[:b], fs[b:]
+
+
 def _check_optional(argument: str, value: Any, check: Callable) -> Any:
     return None if value is None else check(argument, value)
 
@@ -321,7 +351,9 @@ def two_point(
     the gradient of the smoothed ``f_μ`` instead (Nesterov & Spokoiny), useful for noisy ``f``.
 
     Memory: ``lean=False`` materialises the ``k × d`` block of directions and vmaps the evaluations over
-    chunks of ``batch_size`` directions (default: all at once). ``lean=True`` (MeZO, Malladi et al. 2023)
+    chunks of ``batch_size`` directions (default: all at once); a chunk of ``b`` directions evaluates its
+    ``2b`` points ``x ± μv_i`` as one batch, so a loss built on matrix products reads its data once per
+    chunk (one matrix–matrix product, not two). ``lean=True`` (MeZO, Malladi et al. 2023)
     regenerates direction ``i`` from the key (``samplers.Sampler.direction``, ``fold_in(key, i)`` for the
     iid samplers) inside a ``lax.scan`` over chunks of ``batch_size`` directions (default 1), never holding
     the ``k × d`` block: peak memory O(d·batch_size). Lean and non-lean give the same estimate for the
@@ -366,15 +398,15 @@ def two_point(
         mu = jnp.asarray(s, x.dtype) * jnp.maximum(1.0, jnp.max(jnp.abs(x)))
         inv_m = jnp.asarray(1.0 / sampler.second_moment, x.dtype)
 
-        def query(v):
-            fp, fm = f_flat(x + mu * v), f_flat(x - mu * v)
+        def query(V):  # a chunk of directions (b × d): the 2b evaluations as one batch
+            fp, fm = _plus_minus(f_flat, x, mu * V)
             return (fp - fm) / (2 * mu), fp + fm
 
         if lean:
             g_sum, sum_sq, f_sum = _lean_sum(query, sampler, key, k, batch_size or 1, x)
         else:
             V = sampler(key)
-            c, fsum = _map(query, V, batch_size)
+            c, fsum = _map_chunks(query, V, batch_size)
             g_sum = c @ V
             sum_sq = jnp.sum(c**2 * jnp.sum(V**2, axis=1))
             f_sum = jnp.sum(fsum)
@@ -395,7 +427,7 @@ def _lean_sum(query, sampler, key, k: int, batch_size: int, x: jax.Array):
         idx = j * b + jnp.arange(b)
         valid = idx < k
         V = jax.vmap(sampler.direction, in_axes=(None, 0))(key, jnp.minimum(idx, k - 1))
-        c, fsum = jax.vmap(query)(V)
+        c, fsum = query(V)
         c = jnp.where(valid, c, 0.0)
         fsum = jnp.where(valid, fsum, 0.0)
         return (
