@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from gradlab import _prng
 from gradlab._tree import tree_norm
 from gradlab._validate import (
     OptionError,
@@ -329,7 +330,7 @@ def _build(fn, strategy, optimizer, cfg: _Config):
     u, m = cfg.unroll, cfg.monitor_every
 
     def estimate(params, key, t):
-        est = strategy(fn, params, jax.random.fold_in(key, t))
+        est = strategy(fn, params, _prng.fold_in(key, t))
         cost = jnp.stack(
             [
                 jnp.asarray(est.num_fun_evals, count_dtype),

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gradlab import _prng
 from gradlab._validate import OptionError, check_choice, check_positive_int
 
 __all__ = [
@@ -94,11 +95,11 @@ class Sampler:
 
     def __call__(self, key: Any, /) -> jax.Array:
         """The ``(num, d)`` block of directions for ``key``."""
-        return self._block(key)
+        return self._block(_prng.unrolled(key))
 
     def direction(self, key: Any, i: Any, /) -> jax.Array:
         """Direction ``i`` (a ``(d,)`` array), equal to ``self(key)[i]``; ``i`` may be traced."""
-        return self._single(key, i)
+        return self._single(_prng.unrolled(key), i)
 
 
 def _flat_spec(like: Any) -> tuple[int, Any]:
