@@ -121,24 +121,34 @@ def same_probe_differences(A, keys, n: int, m: int, gradlab_values: dict) -> dic
     }
 
 
-def _error_ratio_interval(g_rel, m_rel, *, draws=2000, level=0.9):
-    """Bootstrap (seeds resampled independently per library) of ``median(g_rel) / median(m_rel)``."""
+def _bootstrap_interval(stat, groups, *, paired, draws=2000, level=0.9):
+    """Percentile interval of ``stat(*resampled groups)`` over ``draws`` bootstrap resamples of the
+    seeds: one index set shared by all groups (``paired``: the same seeds, e.g. gradlab's methods on the
+    same matrices), or one per group (independent samples, e.g. two libraries' own seeds)."""
     rng = np.random.default_rng(0)
-    gi = rng.integers(0, g_rel.shape[0], size=(draws, g_rel.shape[0]))
-    mi = rng.integers(0, m_rel.shape[0], size=(draws, m_rel.shape[0]))
-    ratios = np.median(g_rel[gi], axis=1) / np.median(m_rel[mi], axis=1)
-    return tuple(np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2]))
+    if paired:
+        idx = rng.integers(0, groups[0].shape[0], size=(draws, groups[0].shape[0]))
+        resampled = [g[idx] for g in groups]
+    else:
+        resampled = [g[rng.integers(0, g.shape[0], size=(draws, g.shape[0]))] for g in groups]
+    return tuple(np.quantile(stat(*resampled), [(1 - level) / 2, (1 + level) / 2]))
 
 
-def _auto_ratio_interval(auto, fixed, *, draws=2000, level=0.9):
+def _error_ratio_interval(g_rel, m_rel):
+    """``median(g_rel) / median(m_rel)``, seeds resampled independently per library."""
+    return _bootstrap_interval(
+        lambda g, m: np.median(g, axis=1) / np.median(m, axis=1), [g_rel, m_rel], paired=False
+    )
+
+
+def _auto_ratio_interval(auto, fixed):
     """Paired bootstrap over seeds of ``median(auto) / min_method median(method)``: an interval that
     shows how much of a ratio is the seeds' noise (20 seeds measure a median to about ±30%)."""
-    rng = np.random.default_rng(0)
-    seeds = auto.shape[0]
-    idx = rng.integers(0, seeds, size=(draws, seeds))
-    best = np.min([np.median(f[idx], axis=1) for f in fixed], axis=0)
-    ratios = np.median(auto[idx], axis=1) / best
-    return tuple(np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2]))
+
+    def stat(a, *fs):
+        return np.median(a, axis=1) / np.min([np.median(f, axis=1) for f in fs], axis=0)
+
+    return _bootstrap_interval(stat, [auto, *fixed], paired=True)
 
 
 def main(argv: list[str] | None = None) -> int:
