@@ -178,11 +178,10 @@ def _rel_steps(x: jax.Array, step: float | None, power: float) -> jax.Array:
     return (x + h) - x
 
 
-def _map(fn: Callable, xs: Any, batch_size: int | None):
-    """``vmap`` all at once (``batch_size=None``) or ``lax.map`` over chunks of ``batch_size``."""
-    if batch_size is None:
-        return jax.vmap(fn)(xs)
-    return jax.lax.map(fn, xs, batch_size=batch_size)
+def _map(fn: Callable, xs: jax.Array, batch_size: int | None):
+    """``fn`` (one row) vmapped over the rows of ``xs``: all at once (``batch_size=None``) or in chunks of
+    ``batch_size`` rows (:func:`_map_chunks`)."""
+    return _map_chunks(jax.vmap(fn), xs, batch_size)
 
 
 def _map_chunks(chunk_fn: Callable, xs: jax.Array, batch_size: int | None):
