@@ -36,17 +36,6 @@ from _common import emit, environment, interleaved, sig
 from gradlab import _prng, descent, grads, samplers
 
 
-@contextlib.contextmanager
-def rolled_threefry():
-    """Trace with JAX's own Threefry (gradlab's unrolled hash switched off)."""
-    saved = _prng.unrolled, _prng.fold_in
-    _prng.unrolled, _prng.fold_in = (lambda key: key), jax.random.fold_in
-    try:
-        yield
-    finally:
-        _prng.unrolled, _prng.fold_in = saved
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -90,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"unrolled": (fry, False), "rolled": (fry, True), "rbg": (rbg, False)}
         for name, (key, rolled) in variants.items():
             strategy = grads.two_point(num_directions=k)  # its own executable per variant
-            with rolled_threefry() if rolled else contextlib.nullcontext():
+            with _prng.switched_off() if rolled else contextlib.nullcontext():
                 draw = scan(lambda c, key, s=sphere: c + s(key).sum(axis=0))
                 compiled = draw.lower(key).compile()
                 h = descent.run(f, x0, strategy, opt, key=key, num_steps=n)

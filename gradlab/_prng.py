@@ -23,7 +23,9 @@ Arrays of ``2³²`` or more numbers go through JAX's own Threefry (the counter l
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -109,8 +111,23 @@ UNROLLED = define_prng_impl(
 )
 
 
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Trace with JAX's own (rolled) Threefry inside the block: for the tests and the benchmark that
+    compare both (results are the same bit for bit; only speed differs). Not thread-safe."""
+    global _ENABLED
+    saved, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = saved
+
+
 def _is_threefry(key: Any) -> bool:
-    if not jax.config.jax_threefry_partitionable:
+    if not _ENABLED or not jax.config.jax_threefry_partitionable:
         return False
     try:
         return jax.random.key_impl(key) == _BUILTIN
