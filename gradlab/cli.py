@@ -227,6 +227,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         launcher=args.launcher,
         progress=not args.quiet and sys.stderr.isatty(),
         argv=["gradlab", *sys.argv[1:]] if sys.argv and sys.argv[0] else None,
+        prune=args.prune,
     )
     print(sweep.summary)
     print(
@@ -234,6 +235,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         + (f", {len(sweep.failed)} FAILED" if sweep.failed else "")
         + f".\nreport: {sweep.files['html']} (and report.md, results.json, env.json, figures/)"
     )
+    if sweep.stale:
+        n = len(sweep.stale)
+        where = sweep.out / "runs"
+        print(
+            f"pruned {n} run folder(s) of no point of this config from {where}."
+            if sweep.pruned
+            else f"note: {n} run folder(s) in {where} belong to no point of this config "
+            "(earlier versions of it); --prune deletes them."
+        )
     for f in sweep.failed:
         print(f"failed run {f['id']}: {f['error']}", file=sys.stderr)
     return 1 if sweep.failed else 0
@@ -316,6 +326,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where runs execute: local processes (joblib), or SLURM via submitit",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete run folders under DIR/runs that belong to no point of this config",
+    )
     r.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("report", help="re-render a report folder from its results")

@@ -323,6 +323,18 @@ def _check_distribution(distribution: str) -> str:
     return check_choice("distribution", distribution, samplers.names())
 
 
+def _sampler(strategy: str, distribution: str, x: jax.Array, k: int) -> samplers.Sampler:
+    """``samplers.make(distribution, x, num=k)``, with the error for ``k > d`` naming ``num_directions``."""
+    d = x.size
+    if distribution in ("orthogonal", "coordinate") and k > d:
+        raise OptionError(
+            f"{strategy}: num_directions = {k} exceeds d = {d}: the {distribution!r} distribution "
+            f"draws at most d distinct directions. Use num_directions ≤ {d}, or an iid "
+            "distribution ('sphere', 'gaussian', 'rademacher')."
+        )
+    return samplers.make(distribution, x, num=k)
+
+
 def two_point(
     *,
     num_directions: int = 1,
@@ -392,7 +404,7 @@ def two_point(
 
     def estimate(fn, params, key):
         x, unravel, f_flat = _flatten("two_point", fn, params)
-        sampler = samplers.make(distribution, x, num=k)
+        sampler = _sampler("two_point", distribution, x, k)
         s = jnp.finfo(x.dtype).eps ** (1.0 / 3.0) if smoothing is None else smoothing
         mu = jnp.asarray(s, x.dtype) * jnp.maximum(1.0, jnp.max(jnp.abs(x)))
         inv_m = jnp.asarray(1.0 / sampler.second_moment, x.dtype)
@@ -465,7 +477,7 @@ def forward_gradient(
 
     def estimate(fn, params, key):
         x, unravel, f_flat = _flatten("forward_gradient", fn, params)
-        sampler = samplers.make(distribution, x, num=k)
+        sampler = _sampler("forward_gradient", distribution, x, k)
         inv_m = jnp.asarray(1.0 / sampler.second_moment, x.dtype)
         value, jvp = jax.linearize(f_flat, x)
         V = sampler(key)

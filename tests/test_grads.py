@@ -266,5 +266,9 @@ def test_call_errors():
         grads.exact()(lambda z: z * 2, x, jax.random.key(0))
     with pytest.raises(OptionError, match=r"key: expected a jax.random.key, got None"):
         grads.exact()(jnp.sum, x, None)
-    with pytest.raises(OptionError, match=r"num: the 'orthogonal' sampler draws at most d = 3"):
+    with pytest.raises(OptionError, match=r"two_point: num_directions = 4 exceeds d = 3"):
         grads.two_point(num_directions=4, distribution="orthogonal")(jnp.sum, x, jax.random.key(0))
+    with pytest.raises(OptionError, match=r"forward_gradient: num_directions = 5 exceeds d = 3"):
+        grads.forward_gradient(num_directions=5, distribution="coordinate")(
+            jnp.sum, x, jax.random.key(0)
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gradlab import cli, lab
+from gradlab._validate import GradlabError
 from gradlab.lab import report as R
 from gradlab.lab.runner import run_id, source_fingerprint
 
@@ -99,7 +100,7 @@ BAD = [
                 ],
             },
         },
-        "at most d = 3",
+        "num_directions = 5 exceeds d = 3",
     ),
     ({"kind": "descent", "gradcheck": {}}, "[gradcheck]: this section is read by kind 'gradcheck'"),
     (
@@ -107,6 +108,27 @@ BAD = [
         "gradcheck.problem[0].num_points: expected an integer ≥ 1, got 0",
     ),
     ({"seed": 1}, "kind: required key missing"),
+    # strict numbers: a string or a boolean is not silently a number
+    ({"kind": "descent", "descent": {"tol": True}}, "descent.tol: expected a number, got true"),
+    ({"kind": "descent", "descent": {"tol": "1e-6"}}, "descent.tol: expected a number, got '1e-6'"),
+    # options that do not apply to the optimizer are errors, not silently dropped
+    (
+        {"kind": "descent", "descent": {"optimizer": {"name": "sgd", "momentum": 0.5}}},
+        "descent.optimizer[0].momentum: applies to name = 'momentum' or 'nesterov' only",
+    ),
+    (
+        {"kind": "descent", "descent": {"optimizer": [{"name": "lbfgs", "learning_rate": 0.1}]}},
+        "descent.optimizer[0].learning_rate: lbfgs takes no learning rate",
+    ),
+    (
+        {"kind": "descent", "descent": {"optimizer": [{"name": "sgdd"}]}},
+        "got 'sgdd'. Did you mean 'sgd'?",
+    ),
+    ({"kind": "admodes", "admodes": {"ms": [5]}}, "admodes.ms: expected at least 2 values"),
+    (
+        {"kind": "descent", "descent": {"strategy": "exact", "problem": "quadratc"}},
+        "descent.problem.name: unknown name 'quadratc'",
+    ),
 ]
 
 
@@ -115,6 +137,39 @@ def test_bad_configs_name_the_field(data, expected):
     with pytest.raises(lab.ConfigError) as e:
         lab.parse(data)
     assert expected in str(e.value)
+
+
+def test_scalar_entries_are_one_entry_lists():
+    cfg = lab.parse(
+        {
+            "kind": "descent",
+            "descent": {"problem": "quadratic", "strategy": "exact", "optimizer": "momentum"},
+        }
+    )
+    (spec,) = cfg.specs()
+    assert spec["problem"]["name"] == "quadratic" and spec["strategy"] == {"name": "exact"}
+    assert spec["optimizer"]["name"] == "momentum"
+    cfg = lab.parse({"kind": "gradcheck", "gradcheck": {"problem": "quadratic"}})
+    assert [s["problem"]["name"] for s in cfg.specs()] == ["quadratic"]
+
+
+def test_repeated_axis_values_are_one_run(tmp_path, capsys):
+    cfg = write(
+        tmp_path,
+        """
+        kind = "descent"
+        [descent]
+        problem = [{name = "quadratic", dim = [4, 4, 5]}]
+        """,
+    )
+    assert len(lab.load(cfg).specs()) == 2
+    assert cli.main(["validate", str(cfg)]) == 0
+    assert ", 2 runs" in capsys.readouterr().out
+
+
+def test_default_name_from_an_awkward_file_name(tmp_path):
+    cfg = lab.load(write(tmp_path, 'kind = "gradcheck"\n', name="my run+lr.toml"))
+    assert cfg.name == "my_run_lr"
 
 
 def test_toml_syntax_error_and_missing_file(tmp_path):
@@ -235,7 +290,7 @@ def test_report_files(tmp_path):
     assert (out / "report.md").read_text() == md
 
 
-def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+def test_theory_step_without_smoothness_is_a_config_error(tmp_path, capsys):
     cfg = write(
         tmp_path,
         """
@@ -246,14 +301,47 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
         """,
     )
     out = tmp_path / "o"
+    assert cli.main(["validate", str(cfg)]) == 2
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "descent.optimizer[0].learning_rate" in err and "mds" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    from gradlab.lab.kinds import descent as descent_kind
+
+    execute = descent_kind.execute
+
+    def flaky(spec):  # a run that fails at execution time (validation cannot foresee it)
+        if spec["problem"]["name"] == "mds":
+            raise FloatingPointError("simulated failure inside the run")
+        return execute(spec)
+
+    monkeypatch.setattr(descent_kind, "execute", flaky)
+    cfg = write(
+        tmp_path,
+        """
+        kind = "descent"
+        [descent]
+        num_steps = 50
+        problem = ["quadratic", "mds"]
+        optimizer = [{name = "sgd", learning_rate = 0.01}]
+        """,
+    )
+    out = tmp_path / "o"
     code = cli.main(["run", str(cfg), "--out", str(out), "--quiet"])
     assert code == 1
     runs = json.loads((out / "runs.json").read_text())
     status = {r["spec"]["problem"]["name"]: r for r in runs}
     assert status["quadratic"]["status"] == "ok"
-    assert status["mds"]["status"] == "failed" and "smoothness" in status["mds"]["error"]
+    assert status["mds"]["status"] == "failed" and "simulated" in status["mds"]["error"]
     assert "Failed runs" in (out / "report.md").read_text()
     assert "1 FAILED" in capsys.readouterr().out
+    # a failed run is retried on the next run (and now succeeds)
+    monkeypatch.setattr(descent_kind, "execute", execute)
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert "1 computed, 1 reused" in capsys.readouterr().out
 
 
 def test_divergence_is_recorded_with_its_step(tmp_path):
@@ -348,7 +436,7 @@ def test_deep_config_errors_before_anything_is_written(tmp_path):
         strategy = [{name = "two_point", num_directions = 5, distribution = "orthogonal"}]
         """,
     )
-    with pytest.raises(lab.ConfigError, match="at most d = 3"):
+    with pytest.raises(lab.ConfigError, match="exceeds d = 3"):
         lab.run(bad, out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
@@ -521,3 +609,96 @@ def test_admodes_kind_finds_the_crossover(tmp_path):
     picks = {r["spec"]["m"]: r["summary"]["auto_mode"] for r in runs}
     assert picks == {5: "reverse", 10: "reverse", 20: "forward", 40: "forward", 80: "forward"}
     assert "20 by FLOPs" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# the report folder: what --out may be, file modes, stale runs, runs from another device
+
+TINY = """
+kind = "descent"
+[descent]
+num_steps = 20
+points = 5
+problem = [{name = "quadratic", dim = [3, 4]}]
+"""
+
+
+def test_out_must_be_a_folder_gradlab_can_own(tmp_path, capsys):
+    cfg = write(tmp_path, TINY)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.md").write_text("keep me too")
+    for out, message in [
+        (a_file, "exists and is not a folder"),
+        (a_file / "sub", "cannot create it"),
+        (foreign, "a non-empty folder that gradlab did not make"),
+    ]:
+        assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"output folder {str(out)!r} (--out): {message}" in err and "Traceback" not in err
+    assert a_file.read_text() == "keep me" and os.listdir(foreign) == ["notes.md"]
+    with pytest.raises(GradlabError, match="did not make"):
+        lab.run(cfg, out=foreign)
+
+
+def test_report_files_follow_the_umask_and_stale_runs_are_listed_then_pruned(tmp_path, capsys):
+    cfg = write(tmp_path, TINY)
+    out = tmp_path / "o"
+    first = lab.run(cfg, out=out)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("report.md", "report.html", "results.json", "env.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    run_file = out / "runs" / next(iter(os.listdir(out / "runs"))) / "result.json"
+    assert run_file.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert first.stale == ()
+    # drop one point: its run folder is stale, listed and kept, then pruned on request
+    cfg.write_text(cfg.read_text().replace("dim = [3, 4]", "dim = [3]"))
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert "1 run folder(s) in" in capsys.readouterr().out
+    assert len(os.listdir(out / "runs")) == 2
+    assert cli.main(["run", str(cfg), "--out", str(out), "--quiet", "--prune"]) == 0
+    assert "pruned 1 run folder(s)" in capsys.readouterr().out
+    assert len(os.listdir(out / "runs")) == 1
+
+
+def test_runs_from_another_device_are_recomputed_and_a_bad_env_is_rebuilt(tmp_path):
+    import jax
+
+    cfg = write(tmp_path, TINY)
+    out = tmp_path / "o"
+    lab.run(cfg, out=out)
+    rid = sorted(os.listdir(out / "runs"))[0]
+    path = out / "runs" / rid / "result.json"
+    record = json.loads(path.read_text())
+    assert record["device"] == jax.devices()[0].device_kind
+    path.write_text(json.dumps({**record, "device": "some other accelerator"}))
+    again = lab.run(cfg, out=out)
+    assert (again.num_computed, again.num_reused) == (1, 1)
+    assert json.loads(path.read_text())["device"] == jax.devices()[0].device_kind
+    # an unreadable env.json: `gradlab report` still renders (saying so), a run rewrites it
+    (out / "env.json").write_text("{not json")
+    lab.rerender(out)
+    assert "environment not recorded" in (out / "report.md").read_text()
+    lab.run(cfg, out=out)
+    assert json.loads((out / "env.json").read_text())["backend"] == jax.default_backend()
+
+
+def test_summary_counts_runs_that_missed_tol(tmp_path):
+    cfg = write(
+        tmp_path,
+        """
+        kind = "descent"
+        repeats = 2
+        [descent]
+        num_steps = 5
+        tol = 1e-12
+        points = 5
+        problem = [{name = "quadratic", dim = 3}]
+        """,
+    )
+    sweep = lab.run(cfg, out=tmp_path / "o")
+    assert "not reached (>5)" in sweep.summary
+    assert "not reached (>5)" in (tmp_path / "o" / "report.md").read_text()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,8 +69,9 @@ def _nonempty(value: list) -> list:
 Sweep = Annotated[list[T], BeforeValidator(_as_list), pydantic.AfterValidator(_nonempty)]
 PosInt = Annotated[int, Field(ge=1, strict=True)]
 NonNegInt = Annotated[int, Field(ge=0, strict=True)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# strict: a TOML string ("1e-6") or boolean (true) is an error, not silently a number; integers are fine
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 class Base(BaseModel):
@@ -204,12 +206,17 @@ def format_error(err: Mapping[str, Any], raw: Any, prefix: Sequence[Any] = ()) -
         return f"{path}: expected {word} {sym[kind]} {shown}, got {_short(got)}."
     if kind in ("literal_error", "enum"):
         expected = ctx.get("expected", "")
-        return f"{path}: expected one of {expected}, got {_short(got)}."
+        close = difflib.get_close_matches(str(got), re.findall(r"'([^']*)'", str(expected)), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close and isinstance(got, str) else ""
+        return f"{path}: expected one of {expected}, got {_short(got)}.{hint}"
     if kind in _EXPECT:
         return f"{path}: expected {_EXPECT[kind]}, got {_short(got)}."
     if kind == "string_pattern_mismatch":
         return f"{path}: expected letters, digits, '_', '.' or '-' only, got {_short(got)}."
     if kind in ("too_short", "string_too_short"):
+        least = ctx.get("min_length", 1)
+        if kind == "too_short" and isinstance(least, int) and least > 1:
+            return f"{path}: expected at least {least} values, got {_short(got)}."
         return f"{path}: must not be empty."
     return f"{path}: {err.get('msg', kind)} (got {_short(got)})."
 
@@ -340,9 +347,9 @@ def load(path: str | Path, *, deep: bool = True):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}.") from None
-    return parse(
-        data, source=str(path), default_name=p.stem.replace(" ", "_") or "experiment", deep=deep
-    )
+    # the default name is the file's stem, with characters a run folder name cannot hold replaced
+    default_name = re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem).strip(".") or "experiment"
+    return parse(data, source=str(path), default_name=default_name, deep=deep)
 
 
 def product(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -80,6 +81,14 @@ class Figure:
     draw: Callable[[Any], None]
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: ``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
     reader (or a process killed mid-write) never sees a partial file."""
@@ -88,6 +97,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a report is as readable as any other file
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -117,6 +128,45 @@ def median_range(values: Sequence[Any], *, fmt: str = "{:.3g}") -> str:
     missing = len(values) - len(vals)
     extra = f" ({missing} n/a)" if missing else ""
     return (f"{med} [{lo}–{hi}]" if lo != hi else med) + extra
+
+
+def censored_median(values: Sequence[Any]) -> float | None:
+    """The median of values where ``None`` means "not reached" (right-censored, larger than every
+    reached value): ``inf`` when the middle of the sorted values is censored, ``None`` for no values.
+
+    >>> censored_median([3, None, 1]), censored_median([3, None]), censored_median([])
+    (3.0, inf, None)
+    """
+    if not values:
+        return None
+    return float(statistics.median(math.inf if v is None else float(v) for v in values))
+
+
+def median_range_censored(
+    values: Sequence[Any], bounds: Sequence[Any], *, fmt: str = "{:.3g}"
+) -> str:
+    """:func:`median_range` of a quantity some runs never reached (``None`` in ``values``), such as the
+    steps to a tolerance: those count as larger than their run's ``bounds[i]`` (the steps it ran), so
+    the median is ``>bound`` when more than half did not reach it, and the count is shown.
+
+    >>> median_range_censored([20, None], [100, 100], fmt="{:.0f}")
+    '>100 [20–>100] (1 of 2 not reached)'
+    >>> median_range_censored([20, 30, None], [100, 100, 100], fmt="{:.0f}")
+    '30 [20–>100] (1 of 3 not reached)'
+    >>> median_range_censored([None, None], [100, 100], fmt="{:.0f}")
+    'not reached (>100)'
+    """
+    missing = [b for v, b in zip(values, bounds, strict=True) if v is None]
+    if not missing:
+        return median_range(values, fmt=fmt)
+    known = [float(b) for b in missing if b is not None]
+    bound = ">" + fmt.format(max(known)) if known else "∞"
+    reached = [float(v) for v in values if v is not None]
+    if not reached:
+        return f"not reached ({bound})" if known else "not reached"
+    med = censored_median(values)
+    shown = fmt.format(med) if med is not None and math.isfinite(med) else bound
+    return f"{shown} [{fmt.format(min(reached))}–{bound}] ({len(missing)} of {len(values)} not reached)"
 
 
 def slug(text: str) -> str:
@@ -346,6 +396,8 @@ def _draw_png(fig_block: Figure, dpi: int) -> bytes:
 
 
 def _env_lines(env: Mapping[str, Any]) -> list[str]:
+    if not env:
+        return ["environment not recorded (env.json missing or unreadable)"]
     dev = env.get("devices") or {}
     return [
         f"gradlab {env.get('gradlab')} · JAX {env.get('jax')} (jaxlib {env.get('jaxlib')}) · "

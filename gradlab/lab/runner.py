@@ -204,6 +204,8 @@ class Sweep:
     files: dict[str, Path]
     summary: str
     rendered: bool
+    stale: tuple[Path, ...] = ()  # run folders of no point of this config (left, or pruned)
+    pruned: bool = False
 
     @property
     def ok(self) -> bool:
@@ -333,6 +335,51 @@ def _plain_table(table: R.Table, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _is_report_folder(out: Path) -> bool:
+    """Whether ``out`` holds what :func:`run` writes first (``config.json``) or its ``runs/``."""
+    return (out / "config.json").is_file() or (out / "runs").is_dir()
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the report folder ``out``, or raise :class:`GradlabError` (naming ``--out``) when it is a
+    file, not writable, or a non-empty folder that gradlab did not make (whose files a report would
+    overwrite or delete)."""
+    where = f"output folder {str(out)!r} (--out)"
+    if out.exists() and not out.is_dir():
+        raise GradlabError(f"{where}: exists and is not a folder; give a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not _is_report_folder(out):
+        raise GradlabError(
+            f"{where}: a non-empty folder that gradlab did not make (no config.json or runs/ in "
+            "it); a report writes report.md, report.html, figures/ and runs/ there. Choose a new or "
+            "empty folder."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradlabError(
+            f"{where}: cannot create it ({e.strerror or e}); choose a writable path."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise GradlabError(f"{where}: not writable; choose a writable path.")
+
+
+def _read_env(path: Path) -> dict[str, Any] | None:
+    """``env.json`` at ``path``, or None if it is missing or unreadable."""
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return env if isinstance(env, dict) else None
+
+
+def _stale_runs(runs_dir: Path, ids: Sequence[str]) -> list[Path]:
+    """Run folders under ``runs_dir`` that belong to no run of the current sweep."""
+    if not runs_dir.is_dir():
+        return []
+    keep = set(ids)
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in keep)
+
+
 def _failures(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [
         {"id": r["id"], "status": r["status"], "error": r.get("error")}
@@ -368,6 +415,7 @@ def run(
     launcher: str = "local",
     progress: bool = False,
     argv: Sequence[str] | None = None,
+    prune: bool = False,
 ) -> Sweep:
     """Run the sweep of ``config`` (a path or a :class:`~gradlab.lab.kinds.Resolved`) into ``out``.
 
@@ -379,8 +427,16 @@ def run(
       launcher: ``"local"`` (joblib), ``"submitit"`` (SLURM, or local if no cluster), or
         ``"submitit-local"`` (submitit's local executor).
       progress: show a progress bar with ETA on stderr.
+      argv: the command line recorded in ``env.json`` (default ``sys.argv``).
+      prune: delete the run folders under ``out/runs`` that belong to no run of this config (left
+        by earlier versions of it); by default they are kept and listed in ``Sweep.stale``.
 
-    Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config.
+    A finished run is reused only if it was computed on the same backend and device kind; others are
+    recomputed here (their timings, and possibly their rounding, belong to another machine).
+
+    Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config, and
+    :class:`GradlabError` if ``out`` is a file, not writable, or a non-empty folder that gradlab did
+    not make.
     """
     from gradlab.lab.config import load, raise_errors
 
@@ -393,11 +449,22 @@ def run(
     ids = [run_id(s, fingerprint, jax_version) for s in specs]
     unique = dict(zip(ids, specs, strict=True))
     out = Path(out) if out is not None else Path("gradlab-runs") / resolved.name
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_report_folder(out))):
+        _prepare_out(out)  # raises before any work
     runs_dir = out / "runs"
     _clear_temp(runs_dir)
     cached = (
         {} if force else {rid: _read_finished(runs_dir / rid / "result.json") for rid in unique}
     )
+    if any(r is not None for r in cached.values()):
+        import jax
+
+        here = (jax.default_backend(), jax.devices()[0].device_kind)
+        cached = {
+            rid: r
+            for rid, r in cached.items()
+            if r is not None and (r.get("backend"), r.get("device")) == here
+        }
     todo = [
         (rid, spec, str(runs_dir / rid / "result.json"))
         for rid, spec in unique.items()
@@ -410,17 +477,16 @@ def run(
             resolved.kind.check_instances(resolved.section, resolved.experiment), resolved.source
         )
     resolved_json = resolved.to_json()
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
     R.atomic_write(out / "config.json", dumps(resolved_json))
     env_path = out / "env.json"
-    if todo or not env_path.exists():
+    env = None if todo else _read_env(env_path)
+    if env is None:
         import jax
 
         jax.config.update("jax_enable_x64", True)
         env = environment(argv)
         R.atomic_write(env_path, dumps(env))
-    else:
-        env = json.loads(env_path.read_text())
     _launch(kind_name, todo, jobs=jobs, launcher=launcher, out=out, progress=progress)
     # results read above are reused; only the runs computed now are read back
     fresh_ids = [t[0] for t in todo]
@@ -454,6 +520,12 @@ def run(
         R.atomic_write(out / ".summary.txt", summary)
         R.atomic_write(stamp_path, stamp)
     failed = _failures(runs)
+    stale = _stale_runs(runs_dir, list(unique))
+    if prune:
+        import shutil
+
+        for p in stale:
+            shutil.rmtree(p)
     return Sweep(
         out=out,
         num_runs=len(unique),
@@ -468,6 +540,8 @@ def run(
         },
         summary=summary,
         rendered=not fresh,
+        stale=tuple(stale),
+        pruned=prune,
     )
 
 
@@ -487,7 +561,7 @@ def rerender(out: str | Path) -> Sweep:
         runs = R.join(json.loads((out / "runs.json").read_text()), rows)
     except (OSError, ValueError, KeyError) as e:
         raise GradlabError(f"{out}: cannot read the results ({e}); re-run the config.") from None
-    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+    env = _read_env(out / "env.json") or {}
     files, summary = _render(out, resolved_json, runs, env)
     R.atomic_write(out / ".summary.txt", summary)
     failed = _failures(runs)

@@ -73,5 +73,9 @@ class Resolved:
         }
 
     def specs(self) -> list[dict[str, Any]]:
-        """The run specs of the sweep (see the kind's ``expand``)."""
-        return self.kind.expand(self)
+        """The run specs of the sweep (see the kind's ``expand``), each once: a value repeated in an
+        axis (``dim = [5, 5]``) is one run."""
+        from gradlab.lab.kinds._common import canonical
+
+        unique = {canonical(s): s for s in reversed(self.kind.expand(self))}
+        return list(reversed(unique.values()))

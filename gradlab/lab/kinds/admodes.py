@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from gradlab.lab.config import Base, PosInt
+from gradlab.lab.config import Base, PosInt, Sweep
 from gradlab.lab.kinds._common import base_spec
 
 NAME = "admodes"
@@ -34,7 +34,7 @@ class Section(Base):
     """The ``[admodes]`` section."""
 
     n: PosInt = 100
-    ms: list[PosInt] = Field(
+    ms: Sweep[PosInt] = Field(
         default_factory=lambda: [10, 25, 50, 80, 100, 125, 200, 400, 1000], min_length=2
     )
     rounds: Annotated[int, Field(ge=1, le=1000, strict=True)] = 9

@@ -66,9 +66,9 @@ TRAIN_POINTS = 40  # recorded points of the training loss curve
 class Section(Base):
     """The ``[curvature]`` section."""
 
-    problem: list[Any] = Field(default_factory=lambda: [{"name": "mlp"}], min_length=1)
-    method: list[_METHODS] = Field(default_factory=lambda: ["hutchinson", "auto"], min_length=1)
-    num_matvecs: list[PosInt] = Field(default_factory=lambda: [10, 30, 100], min_length=1)
+    problem: Sweep[Any] = Field(default_factory=lambda: [{"name": "mlp"}], min_length=1)
+    method: Sweep[_METHODS] = Field(default_factory=lambda: ["hutchinson", "auto"], min_length=1)
+    num_matvecs: Sweep[PosInt] = Field(default_factory=lambda: [10, 30, 100], min_length=1)
     top_k: Annotated[int, Field(ge=0, le=100, strict=True)] = 5
     point: Sweep[_POINTS] = Field(default_factory=lambda: ["init"])
     optimizer: Literal["adam", "sgd"] = "adam"

@@ -15,7 +15,7 @@ Config section::
     name = "two_point"
     num_directions = [1, 8]     # multiplies only the two_point runs
 
-``learning_rate = "theory"`` (sgd only) takes the step the theory gives for the strategy on the instance:
+``learning_rate = "theory"`` (sgd, momentum and nesterov) takes the step the theory gives for the strategy on the instance:
 ``1/L`` for exact gradients and finite differences, ``1/(cL)`` for random-direction estimates with
 ``E‖G‖² = c‖∇f‖²`` (``c = 1 + (d−1)/k`` for ``k`` iid sphere or Rademacher directions, ``1 + (d+1)/k``
 for Gaussian ones, ``d/k`` for orthonormal frames or distinct coordinates). On a ``μ``-strongly convex
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BeforeValidator, Field, StrictBool
+from pydantic import BeforeValidator, Field, StrictBool, model_validator
 
 from gradlab.lab.config import (
     Base,
@@ -131,13 +131,18 @@ class Optimizer(Base):
     learning_rate: Sweep[LearningRate] = Field(default_factory=lambda: ["theory"])
     momentum: Sweep[Momentum] = Field(default_factory=lambda: [0.9])
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
 
 class Section(Base):
     """The ``[descent]`` section."""
 
-    problem: list[Any] = Field(default_factory=lambda: [{"name": "least_squares"}], min_length=1)
-    strategy: list[Any] = Field(default_factory=lambda: [{"name": "exact"}], min_length=1)
-    optimizer: list[Optimizer] = Field(default_factory=lambda: [Optimizer()], min_length=1)
+    problem: Sweep[Any] = Field(default_factory=lambda: [{"name": "least_squares"}], min_length=1)
+    strategy: Sweep[Any] = Field(default_factory=lambda: [{"name": "exact"}], min_length=1)
+    optimizer: Sweep[Optimizer] = Field(default_factory=lambda: [Optimizer()], min_length=1)
     num_steps: PosInt = 1000
     tol: PositiveFloat | None = None
     use_f_star: StrictBool = True
@@ -171,10 +176,22 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
     )
     errors += more
     for i, opt in enumerate(section.optimizer):
+        where = f"{NAME}.optimizer[{i}]"
+        given = opt.model_fields_set
         if opt.name == "adam" and "theory" in opt.learning_rate:
             errors.append(
-                f"{NAME}.optimizer[{i}].learning_rate: 'theory' is defined for sgd, momentum and "
+                f"{where}.learning_rate: 'theory' is defined for sgd, momentum and "
                 f"nesterov; give a number for {opt.name!r} (e.g. learning_rate = 0.01)."
+            )
+        if opt.name == "lbfgs" and "learning_rate" in given:
+            errors.append(
+                f"{where}.learning_rate: lbfgs takes no learning rate (its line search picks each "
+                "step); remove the key, or choose sgd, momentum, nesterov or adam."
+            )
+        if opt.name not in ("momentum", "nesterov") and "momentum" in given:
+            errors.append(
+                f"{where}.momentum: applies to name = 'momentum' or 'nesterov' only, not "
+                f"{opt.name!r}; remove the key or change the name."
             )
     section = section.model_copy(update={"problem": problems, "strategy": strategies})
     return section, errors
@@ -183,11 +200,15 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
 def check_instances(section: Section, experiment: Any) -> list[str]:
     """The deep check (run by ``gradlab validate`` and before any run is computed, skipped when every
     run is cached): build each problem and strategy point, and trace each strategy on each problem."""
-    return _check_instances(section.problem, section.strategy, experiment)
+    optimizers = [o.model_dump() for o in section.optimizer]
+    return _check_instances(section.problem, section.strategy, experiment, optimizers)
 
 
 def _check_instances(
-    problems: Sequence[Mapping], strategies: Sequence[Mapping], experiment
+    problems: Sequence[Mapping],
+    strategies: Sequence[Mapping],
+    experiment,
+    optimizers: Sequence[Mapping] = (),
 ) -> list[str]:
     """Build every problem point and strategy point once, so constructor errors show at validation."""
     import jax
@@ -204,6 +225,17 @@ def _check_instances(
             except Exception as e:
                 errors.append(f"{NAME}.problem[{i}] ({_problem_label(spec)}): {e}")
                 break
+    for i, opt in enumerate(optimizers):
+        if opt["name"] == "lbfgs" or "theory" not in opt["learning_rate"]:
+            continue
+        lacking = sorted({_problem_label(s) for s, p in built if not p.smoothness})
+        if lacking:
+            errors.append(
+                f"{NAME}.optimizer[{i}].learning_rate: 'theory' is 1/(cL) and needs the smoothness "
+                f"constant L, which {'problem' if len(lacking) == 1 else 'problems'} {', '.join(lacking)} "
+                f"{'does' if len(lacking) == 1 else 'do'} not give; set a number "
+                "(e.g. learning_rate = 0.01) or drop that problem."
+            )
     for i, entry in enumerate(strategies):
         for spec in expand_entries([entry]):
             try:
@@ -434,12 +466,21 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         lab = labels(run["spec"])
         groups.setdefault((lab["problem"], lab["optimizer"], lab["strategy"]), []).append(run)
 
+    tol = resolved_json.get(NAME, {}).get("tol")
     exact_steps: dict[tuple, float] = {}
     for (prob, opt, strat), members in groups.items():
-        steps = [m["summary"].get("steps_to_tol") for m in members if m["status"] == "ok"]
-        steps = [v for v in steps if v is not None]
-        if strat == "exact" and steps:
-            exact_steps[(prob, opt)] = float(np.median(steps))
+        med = R.censored_median([m["summary"].get("steps_to_tol") for m in members])
+        if strat == "exact" and tol is not None and med is not None and math.isfinite(med):
+            exact_steps[(prob, opt)] = med
+
+    def to_tol(summ, key, bound_key):
+        """Steps or evaluations to tol; a run that stopped short of tol counts as more than it ran."""
+        vals = [s[key] for s in summ]
+        if tol is None:
+            return R.median_range(vals, fmt="{:.0f}")
+        return R.median_range_censored(
+            vals, [None if s["diverged"] else s[bound_key] for s in summ], fmt="{:.0f}"
+        )
 
     rows = []
     for (prob, opt, strat), members in groups.items():
@@ -454,10 +495,10 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
                 strat,
                 opt,
                 R.median_range([s["learning_rate"] for s in summ], fmt="{:.3g}"),
-                R.median_range([s["steps_to_tol"] for s in summ], fmt="{:.0f}"),
+                to_tol(summ, "steps_to_tol", "steps_run"),
                 R.median_range([s["theory_steps_to_tol"] for s in summ], fmt="{:.0f}"),
                 _ratio([s["steps_to_tol"] for s in summ], exact_steps.get((prob, opt))),
-                R.median_range([s["fun_evals_to_tol"] for s in summ], fmt="{:.0f}"),
+                to_tol(summ, "fun_evals_to_tol", "num_fun_evals"),
                 R.median_range([s["evals_per_step"] for s in summ], fmt="{:.5g}"),
                 R.median_range(
                     [
@@ -474,11 +515,12 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
             ]
         )
     blocks.append(R.Heading("Summary"))
-    tol = resolved_json.get(NAME, {}).get("tol")
     blocks.append(
         R.Text(
             "Medians over repeats, with [min–max] when the repeats differ. "
-            f"Steps and evaluations to tol (tol = {tol}) are measured; 'theory steps' is "
+            f"Steps and evaluations to tol (tol = {tol}) are measured; a run that stopped short "
+            "of tol counts as more than it ran ('>N', and 'k of n not reached'), so a median is "
+            "'>N' when most repeats missed tol; 'theory steps' is "
             "⌈log tol / log(1 − μ/(cL))⌉ for sgd with the theory step (c = 1 for exact gradients, "
             "the second-moment factor of the estimator otherwise); 'steps ÷ exact' divides the "
             "median steps by those of exact gradients on the same problem. 'final' is the relative gap "
@@ -567,10 +609,14 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
 
 
 def _ratio(values: Sequence[Any], base: float | None) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals or not base:
+    """The censored median of ``values`` (``None``: tol not reached) ÷ ``base``; '—' if either is
+    unknown, and '—' too when the median itself was not reached (the table's steps column says so)."""
+    from gradlab.lab import report as R
+
+    med = R.censored_median(values)
+    if med is None or not base or not math.isfinite(med):
         return "—"
-    return f"{float(np.median(vals)) / base:.3g}"
+    return f"{med / base:.3g}"
 
 
 def _scaling(runs: Sequence[Mapping[str, Any]]) -> list[Any]:

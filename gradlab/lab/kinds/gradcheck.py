@@ -16,10 +16,10 @@ against the dense Hessian (:func:`gradlab.checks.hvp`), and the step sweep
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import StrictBool
+from pydantic import BeforeValidator, StrictBool
 
 from gradlab.lab.config import Base
 from gradlab.lab.kinds._common import (
@@ -41,7 +41,11 @@ SUMMARY = (
 class Section(Base):
     """The ``[gradcheck]`` section."""
 
-    problem: Literal["all"] | list[Any] = "all"
+    # "all", a list of entries, or one entry (a name or a table) as a one-entry list
+    problem: Annotated[
+        Literal["all"] | list[Any],
+        BeforeValidator(lambda v: v if v == "all" or isinstance(v, list) else [v]),
+    ] = "all"
     sweep: StrictBool = True
 
 

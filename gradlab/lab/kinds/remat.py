@@ -57,10 +57,10 @@ def strategy_model(name: str) -> type[Base]:
 class Section(Base):
     """The ``[remat]`` section."""
 
-    layers: list[PosInt] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    layers: Sweep[PosInt] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     width: PosInt = 128
     batch: PosInt = 512
-    strategy: list[Any] = Field(
+    strategy: Sweep[Any] = Field(
         default_factory=lambda: ["none", "per_layer", "sqrt", "recursive"], min_length=1
     )
     time: StrictBool = False
