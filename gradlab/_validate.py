@@ -140,6 +140,35 @@ def check_scalar_output(argument: str, out: Any) -> None:
         )
 
 
+def check_key(key: Any, who: str) -> None:
+    """Raise :class:`OptionError` unless ``key`` is one PRNG key: a typed ``jax.random.key(seed)``
+    (shape ``()``) or a raw ``uint32[2]`` ``jax.random.PRNGKey``. ``who`` names the caller; keys are
+    never defaulted.
+
+    >>> check_key(None, "trace")
+    Traceback (most recent call last):
+    ...
+    gradlab._validate.OptionError: key: trace needs an explicit PRNG key (keys are never defaulted), got None. Pass key=jax.random.key(seed).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if key is None:
+        raise OptionError(
+            f"key: {who} needs an explicit PRNG key (keys are never defaulted), got None. "
+            "Pass key=jax.random.key(seed)."
+        )
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+    raw = dtype is not None and dtype == jnp.uint32 and shape == (2,)
+    if not (typed or raw):
+        raise OptionError(
+            f"key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got "
+            f"{type(key).__name__} with dtype {dtype} and shape {shape}. Pass key=jax.random.key(seed)."
+        )
+
+
 def check_same_structure(argument: str, tree: Any, like: Any) -> None:
     """Raise :class:`ShapeError` unless ``tree`` has the structure and leaf shapes of ``like``."""
     import jax

@@ -75,6 +75,7 @@ from gradlab._validate import (
     OptionError,
     ShapeError,
     check_choice,
+    check_key,
     check_positive,
     check_positive_int,
     check_scalar_output,
@@ -121,7 +122,7 @@ _DEFAULT_SAMPLER = {
     "auto": "sphere",
 }
 _SYM_RTOL = 1e-6  # relative asymmetry of Ωᵀ A Ω above which the operator is "not symmetric"
-_DEFAULT_BLOCK = 10  # probes per block of the rtol stopping rule (when batch_size is None)
+_DEFAULT_BLOCK = 10  # the fewest probes per block (and first sketch) of the rtol stopping rule
 # the smallest standard error reported, in units of eps·|value|: on an exactly low-rank operator the
 # sketch captures everything and the stochastic part is rounding, while the rounding error of the
 # low-rank part itself (0.5–5 ulps, measured) is not in it (coverage 0.07–0.9 before this floor)
@@ -275,6 +276,7 @@ def hessian(f: Callable[[Any], Any], x: Any, /, *, batch_size: int | None = None
     >>> hessian(lambda p: p["a"] ** 2 * p["b"], {"a": jnp.array(1.0), "b": jnp.array(2.0)}).tolist()
     [[4.0, 2.0], [2.0, 0.0]]
     """
+    batch_size = _check_batch_size(batch_size)
     flat, unravel = ravel_pytree(x)
     op = hvp_operator(lambda z: f(unravel(z)), flat)
     cols = _apply(op, jnp.eye(flat.size, dtype=flat.dtype), batch_size=batch_size, mesh=None)
@@ -296,7 +298,14 @@ def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
             f"like: expected floating-point arrays, got dtype {flat.dtype}. "
             "Pass the parameters (or jnp.zeros of their shape) in a float dtype."
         )
-    out = jax.eval_shape(lambda v: matvec(unravel(v)), flat)
+    try:
+        out = jax.eval_shape(lambda v: matvec(unravel(v)), flat)
+    except (TypeError, ValueError) as e:  # shapes or structure the operator does not accept
+        raise ShapeError(
+            f"like: the operator cannot be applied to a pytree like `like` ({flat.size} entries, "
+            f"structure {jax.tree.structure(like)}): {type(e).__name__}: {str(e).splitlines()[0]} "
+            "Pass like= with the operator's input structure and shapes (e.g. the parameters x)."
+        ) from None
     in_def, out_def = jax.tree.structure(like), jax.tree.structure(out)
     out_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(out))
     in_shapes = [jnp.shape(t) for t in jax.tree.leaves(like)]
@@ -390,7 +399,8 @@ def _probe_rows(name: str, dim: int, dtype: Any, key: Any, start: Any, num: int)
 def _t_ratio(dof: Any) -> jax.Array:
     """``t_{0.975,ν} / 1.96`` (Cornish–Fisher expansion; exact for ν = 1, 2); 1 for ν → ∞."""
     z = 1.959963984540054
-    nu = jnp.maximum(jnp.asarray(dof, dtype=float), 1.0)
+    nu = jnp.asarray(dof)  # keeps a float32 estimate's dtype; integers become the default float
+    nu = jnp.maximum(nu if jnp.issubdtype(nu.dtype, jnp.floating) else nu.astype(float), 1.0)
     t = (
         z
         + (z**3 + z) / (4 * nu)
@@ -549,14 +559,19 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
     :func:`_quad_estimate` for the sampler ``name``, from running sums of ``u_i = t_i − c₀`` and
     ``u_i²`` (``c₀`` the first block's mean: stable when the terms vary little around a large mean),
     ``c_i``, ``c_i²``, ``c_i u_i``, ``e_i`` and ``z_i ⊙ Rz_i``.
+
+    Blocks hold ``max(10, batch_size)`` terms (capped by the budget): the stop is tested on at least
+    10 new terms whatever the memory setting (``batch_size`` only chunks the products), and the
+    ``budget mod block`` terms left over form one last, smaller block, so a run that never stops spends
+    the whole budget on the same probes as a one-shot estimate.
     """
-    block = min(budget, max(2, batch_size or _DEFAULT_BLOCK))
-    num_blocks = budget // block  # whole blocks only, so every block has one compiled shape
+    block = min(budget, max(_DEFAULT_BLOCK, batch_size or 0))
+    num_blocks, rest = divmod(budget, block)  # whole blocks share one compiled shape
     dtype = base.dtype
 
     def stats(state):
-        b, c, s1, s2, sc, sc2, szd, scu, se_ = state
-        k = jnp.maximum(b * block, 1).astype(dtype)
+        _, k, c, s1, s2, sc, sc2, szd, scu, se_ = state
+        k = jnp.maximum(k, 1).astype(dtype)
         d = s1 / k
         n = szd.shape[0]
         c_var = jnp.maximum(sc2 - sc * sc / k, 0.0) / jnp.maximum(k - 1, 1.0)
@@ -570,13 +585,15 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
         t_m2 = jnp.maximum(s2 / k - d * d, 0.0)
         return c + d, _structural_se(name, k, sc / k, c_var, szd / k, se_ / k, t_m2, d_var)
 
-    def body(state):
-        b, c, s1, s2, sc, sc2, szd, scu, se_ = state
-        t, cc, zd, e = terms_fn(b * block, block)
+    def add(state, num):
+        """The next ``num`` terms (probes ``k … k + num − 1``) into the running sums."""
+        b, k, c, s1, s2, sc, sc2, szd, scu, se_ = state
+        t, cc, zd, e = terms_fn(k, num)
         c = jnp.where(b == 0, jnp.mean(t), c)
         u = t - c
         return (
             b + 1,
+            k + num,
             c,
             s1 + jnp.sum(u),
             s2 + jnp.sum(u * u),
@@ -587,18 +604,22 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
             se_ + jnp.sum(e),
         )
 
-    def cond(state):
-        b = state[0]
+    def done(state):
         mean, se = stats(state)
-        done = (b >= 1) & (se < rtol * jnp.abs(base + mean))
-        return (b < num_blocks) & ~done
+        return (state[0] >= 1) & (se < rtol * jnp.abs(base + mean))
+
+    def cond(state):
+        return (state[0] < num_blocks) & ~done(state)
 
     zero = jnp.zeros((), dtype)
     zd_shape = jax.eval_shape(lambda: terms_fn(0, block)[2])
-    init = (jnp.asarray(0), *[zero] * 5, jnp.zeros(zd_shape.shape, dtype), zero, zero)
-    final = jax.lax.while_loop(cond, body, init)
+    count = jnp.asarray(0)  # the default integer dtype, as every num_matvecs
+    init = (count, count, *[zero] * 5, jnp.zeros(zd_shape.shape, dtype), zero, zero)
+    final = jax.lax.while_loop(cond, lambda st: add(st, block), init)
+    if rest:
+        final = _cond(done(final), lambda st: st, lambda st: add(st, rest), final)
     mean, se = stats(final)
-    return Estimate(base + mean, se, offset + final[0] * block)
+    return Estimate(base + mean, se, offset + final[1])
 
 
 def _orth(Y):
@@ -1278,8 +1299,9 @@ def trace(
     low-rank operator the sketch captures it all and no sampling statistic sees the few ulps of
     rounding left (XTrace and XNysTrace reported 0 there, Hutch++ the residual's rounding only).
 
-    Stopping rule (``rtol``): probes are drawn in blocks (``batch_size``, default 10) until
-    ``std_error < rtol·|value|`` or the budget is spent; ``num_matvecs`` reports what was used. For
+    Stopping rule (``rtol``): probes are drawn in blocks of ``max(10, batch_size)`` until
+    ``std_error < rtol·|value|`` or the budget is spent (the last block takes what is left of it);
+    ``num_matvecs`` reports what was used. For
     ``hutch++`` the sketch is spent first and the residual probes are drawn in blocks. For ``xtrace``
     and ``xnystrace`` every probe enters the sketch, so the sketch grows instead, doubling from
     ``max(10, batch_size)`` probes (10, 20, 40, … up to the budget; XTrace extends its QR factorization by block
@@ -1354,6 +1376,7 @@ def trace(
             f"sampler: method={method!r} needs rotation-invariant probes, one of "
             f"{list(_ROTATION_INVARIANT)}; got {sampler!r}. Use sampler='sphere' (the default)."
         )
+    check_key(key, "trace")
     mv, n, dtype = _flat_operator(matvec, like)
     if m >= n:
         return _exact(mv, n, dtype, batch_size=batch_size, mesh=mesh)
@@ -1494,6 +1517,7 @@ def diagonal(
     m = check_positive_int("num_matvecs", num_matvecs)
     batch_size = _check_batch_size(batch_size)
     _check_mesh(mesh)
+    check_key(key, "diagonal")
     mv, n, dtype = _flat_operator(matvec, like)
     unravel = ravel_pytree(like)[1]
     if m >= n:
@@ -1524,7 +1548,11 @@ def diagonal(
         used = 2 * k
     k_terms = terms.shape[0]
     mean = jnp.mean(terms, axis=0)
-    se = jnp.std(terms, axis=0, ddof=1) / math.sqrt(k_terms) * _t_ratio(k_terms - 1)
+    se = (
+        jnp.std(terms, axis=0, ddof=1)
+        / math.sqrt(k_terms)
+        * _t_ratio(jnp.asarray(k_terms - 1, terms.dtype))
+    )
     return DiagonalEstimate(unravel(mean), unravel(se), jnp.asarray(used))
 
 
@@ -1613,6 +1641,7 @@ def eigenvalues(
     k = check_positive_int("k", k)
     which = check_choice("which", which, ("largest", "smallest", "magnitude"))
     batch_size = _check_batch_size(batch_size)
+    check_key(key, "eigenvalues")
     mv, n, dtype = _flat_operator(matvec, like)
     if k > n:
         raise OptionError(f"k: at most n = {n} eigenvalues exist, got k={k}. Use k ≤ {n}.")
@@ -1677,6 +1706,7 @@ def spectral_density(
     q = check_positive_int("num_iters", num_iters)
     num_points = check_positive_int("num_points", num_points, minimum=2)
     batch_size = _check_batch_size(batch_size)
+    check_key(key, "spectral_density")
     mv, n, dtype = _flat_operator(matvec, like)
     q = min(q, n)
     k_probe, k_lanczos = jax.random.split(key)

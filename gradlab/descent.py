@@ -54,6 +54,7 @@ from gradlab._tree import tree_norm
 from gradlab._validate import (
     OptionError,
     ShapeError,
+    check_key,
     check_positive,
     check_positive_int,
     check_same_structure,
@@ -150,23 +151,6 @@ class History:
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def _check_key(key: Any) -> None:
-    if key is None:
-        raise OptionError(
-            "key: descent.run needs an explicit PRNG key (keys are never defaulted), got None. "
-            "Pass key=jax.random.key(seed)."
-        )
-    dtype = getattr(key, "dtype", None)
-    shape = getattr(key, "shape", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
-    raw = dtype is not None and dtype == jnp.uint32 and shape == (2,)
-    if not (typed or raw):
-        raise OptionError(
-            f"key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got "
-            f"{type(key).__name__} with dtype {dtype} and shape {shape}. Pass key=jax.random.key(seed)."
-        )
 
 
 def _check_callables(fn: Any, strategy: Any, optimizer: Any) -> None:
@@ -667,7 +651,7 @@ def run(
     (29, 0.75, 'grad_norm')
     """
     _check_callables(fn, strategy, optimizer)
-    _check_key(key)
+    check_key(key, "descent.run")
     num_steps, tol, f_star = _check_stop_args(num_steps, tol, f_star)
     every = check_positive_int("monitor_every", monitor_every)
     unroll = check_positive_int("unroll", DEFAULT_UNROLL if unroll is None else unroll)

@@ -54,6 +54,7 @@ from jax.flatten_util import ravel_pytree
 from gradlab import samplers
 from gradlab._validate import (
     OptionError,
+    ShapeError,
     check_choice,
     check_options,
     check_positive,
@@ -147,6 +148,11 @@ def _flatten(name: str, fn: Callable, params: Params):
             f"{name}: params: expected floating-point parameters, got dtype {x.dtype}. "
             "Cast them to a float dtype, e.g. jnp.asarray(params, jnp.float64)."
         )
+    if x.size == 0:
+        raise ShapeError(
+            f"{name}: params: expected at least one entry, got a pytree of total size 0 "
+            f"({jax.tree.structure(params)}); there is nothing to estimate a gradient of."
+        )
 
     def f_flat(z):
         return jnp.asarray(fn(unravel(z)), x.dtype)
@@ -162,19 +168,51 @@ def _estimate(value, grad, *, evals=0, grads=0, jvps=0, std_error) -> GradEstima
     return GradEstimate(value, grad, _count(evals), _count(grads), _count(jvps), std_error)
 
 
-def _std_error(sum_sq: jax.Array, g: jax.Array, k: int) -> jax.Array:
-    """``sqrt(tr Ĉov / k)`` from ``Σ_i ‖G_i‖²`` and the mean ``G`` of ``k`` per-direction estimates."""
+def _std_error(sum_sq: jax.Array, g: jax.Array, k: int, sampler: samplers.Sampler) -> jax.Array:
+    """``sqrt(tr Ĉov / k)`` from ``Σ_i ‖G_i‖²`` and the mean ``G`` of ``k`` per-direction estimates.
+
+    ``orthogonal`` and ``coordinate`` directions are drawn without replacement (given the random
+    basis, ``k`` of its ``d`` directions), so the finite-population correction ``1 − k/d`` applies
+    (Cochran 1977, §2.5): the error bar of ``k = d`` directions, an exact gradient, is 0.
+    """
     if k < 2:
         return jnp.asarray(jnp.nan, g.dtype)
     tr_cov = jnp.maximum(sum_sq - k * jnp.vdot(g, g), 0.0) / (k - 1)
+    if sampler.name in ("orthogonal", "coordinate"):
+        tr_cov = tr_cov * (1.0 - k / sampler.dim)
     return jnp.sqrt(tr_cov / k)
 
 
-def _rel_steps(x: jax.Array, step: float | None, power: float) -> jax.Array:
-    """Per-coordinate FD steps ``s·max(1, |x_i|)``, ``s = step`` or ``ε^power`` (ε of ``x``'s dtype)."""
-    s = jnp.finfo(x.dtype).eps ** power if step is None else step
-    h = jnp.asarray(s, x.dtype) * jnp.maximum(1.0, jnp.abs(x))
-    # Nocedal & Wright §8.1: use the step that is actually represented, (x + h) − x.
+def _mixed(params: Params, x: jax.Array) -> bool:
+    """Whether some leaf of ``params`` has another dtype than the ravelled ``x`` (which promotes them)."""
+    return any(jnp.result_type(leaf) != x.dtype for leaf in jax.tree.leaves(params))
+
+
+def _leaf_eps(params: Params, x: jax.Array) -> jax.Array:
+    """Machine ε per ravelled coordinate, of the dtype of the leaf it comes from (a scalar when every
+    leaf has ``x``'s dtype). A float32 leaf ravelled with float64 ones is stored in float32, so its
+    steps must be sized by float32's ε, not by the promoted dtype's."""
+    if not _mixed(params, x):
+        return jnp.asarray(jnp.finfo(x.dtype).eps, x.dtype)
+
+    def eps(leaf):
+        dt = jnp.result_type(leaf)
+        e = jnp.finfo(dt).eps if jnp.issubdtype(dt, jnp.floating) else jnp.finfo(x.dtype).eps
+        return jnp.full(jnp.shape(leaf), e, x.dtype)
+
+    return ravel_pytree(jax.tree.map(eps, params))[0]
+
+
+def _rel_steps(
+    x: jax.Array, step: float | None, power: float, params: Params, unravel: Callable
+) -> jax.Array:
+    """Per-coordinate FD steps ``s·max(1, |x_i|)``, ``s = step`` or ``ε_i^power`` (ε of coordinate
+    ``i``'s leaf dtype), as actually represented: ``(x + h) − x`` after the round trip through the
+    leaves' dtypes (Nocedal & Wright §8.1)."""
+    s = _leaf_eps(params, x) ** power if step is None else jnp.asarray(step, x.dtype)
+    h = s * jnp.maximum(1.0, jnp.abs(x))
+    if _mixed(params, x):
+        return ravel_pytree(unravel(x + h))[0].astype(x.dtype) - x
     return (x + h) - x
 
 
@@ -279,7 +317,7 @@ def forward_difference(*, step: float | None = None) -> Strategy:
     def estimate(fn, params, key):
         x, unravel, f_flat = _flatten("forward_difference", fn, params)
         d = x.size
-        h = _rel_steps(x, step, 0.5)
+        h = _rel_steps(x, step, 0.5, params, unravel)
         f0 = f_flat(x)
         fp = jax.vmap(lambda i: f_flat(x.at[i].add(h[i])))(jnp.arange(d))
         g = (fp - f0) / h
@@ -306,7 +344,7 @@ def central_difference(*, step: float | None = None) -> Strategy:
     def estimate(fn, params, key):
         x, unravel, f_flat = _flatten("central_difference", fn, params)
         d = x.size
-        h = _rel_steps(x, step, 1.0 / 3.0)
+        h = _rel_steps(x, step, 1.0 / 3.0, params, unravel)
         fp = jax.vmap(lambda i: f_flat(x.at[i].add(h[i])))(jnp.arange(d))
         fm = jax.vmap(lambda i: f_flat(x.at[i].add(-h[i])))(jnp.arange(d))
         g = (fp - fm) / (2 * h)
@@ -405,7 +443,8 @@ def two_point(
     def estimate(fn, params, key):
         x, unravel, f_flat = _flatten("two_point", fn, params)
         sampler = _sampler("two_point", distribution, x, k)
-        s = jnp.finfo(x.dtype).eps ** (1.0 / 3.0) if smoothing is None else smoothing
+        # one μ for every direction: sized by the least precise leaf's ε
+        s = jnp.max(_leaf_eps(params, x)) ** (1.0 / 3.0) if smoothing is None else smoothing
         mu = jnp.asarray(s, x.dtype) * jnp.maximum(1.0, jnp.max(jnp.abs(x)))
         inv_m = jnp.asarray(1.0 / sampler.second_moment, x.dtype)
 
@@ -422,7 +461,7 @@ def two_point(
             sum_sq = jnp.sum(c**2 * jnp.sum(V**2, axis=1))
             f_sum = jnp.sum(fsum)
         g = g_sum * inv_m / k
-        se = _std_error(sum_sq * inv_m**2, g, k)
+        se = _std_error(sum_sq * inv_m**2, g, k, sampler)
         return _estimate(f_sum / (2 * k), unravel(g), evals=2 * k, std_error=se)
 
     return Strategy("two_point", opts, estimate)
@@ -484,7 +523,7 @@ def forward_gradient(
         c = _map(jvp, V, batch_size)
         g = (c @ V) * inv_m / k
         sum_sq = jnp.sum(c**2 * jnp.sum(V**2, axis=1)) * inv_m**2
-        return _estimate(value, unravel(g), jvps=k, std_error=_std_error(sum_sq, g, k))
+        return _estimate(value, unravel(g), jvps=k, std_error=_std_error(sum_sq, g, k, sampler))
 
     return Strategy("forward_gradient", opts, estimate)
 

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from gradlab import _prng
-from gradlab._validate import OptionError, check_choice, check_positive_int
+from gradlab._validate import OptionError, ShapeError, check_choice, check_positive_int
 
 __all__ = [
     "Sampler",
@@ -108,6 +108,11 @@ def _flat_spec(like: Any) -> tuple[int, Any]:
         raise OptionError(
             f"like: expected floating-point parameters, got dtype {spec.dtype}. "
             "Cast the parameters to a float dtype, e.g. jnp.asarray(x, jnp.float64)."
+        )
+    if math.prod(spec.shape) == 0:
+        raise ShapeError(
+            "like: expected parameters with at least one entry, got a pytree of total size 0; "
+            "directions in R^0 do not exist."
         )
     return int(math.prod(spec.shape)), spec.dtype
 
@@ -200,11 +205,14 @@ def orthogonal(like: Any, /, *, num: int) -> Sampler:
     d, dtype = _flat_spec(like)
     _check_at_most_d("orthogonal", num, d)
 
+    # QR has no half-precision kernels: bfloat16 / float16 frames are built in float32, then cast
+    work = dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32
+
     def block(key):
-        z = jax.random.normal(key, (d, num), dtype)
+        z = jax.random.normal(key, (d, num), work)
         q, r = jnp.linalg.qr(z, mode="reduced")
-        signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(dtype)
-        return (q * signs[None, :]).T
+        signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(work)
+        return (q * signs[None, :]).T.astype(dtype)
 
     def single(key, i):
         return block(key)[i]

@@ -365,6 +365,20 @@ def test_trace_errors(mats):
         cv.trace(lambda v: C @ v, jax.random.key(0), like=like, num_matvecs=20, method="xnystrace")
     with pytest.raises(OptionError, match="mesh"):
         cv.trace(mv, jax.random.key(0), like=like, num_matvecs=10, mesh="cpu")
+    # a `like` the operator cannot take, and a missing key, are named (not raw JAX errors)
+    with pytest.raises(ShapeError, match=r"like: the operator cannot be applied"):
+        cv.trace(mv, jax.random.key(0), like=jnp.zeros(N - 1), num_matvecs=10)
+    f = lambda p: jnp.sum(p["a"] ** 4)  # noqa: E731
+    with pytest.raises(ShapeError, match=r"like: the operator cannot be applied"):
+        op = cv.hvp_operator(f, {"a": jnp.ones(3)})
+        cv.trace(op, jax.random.key(0), like=jnp.zeros(3), num_matvecs=2)
+    for fn in (cv.trace, cv.diagonal):
+        with pytest.raises(OptionError, match=f"key: {fn.__name__} needs an explicit PRNG key"):
+            fn(mv, None, like=like, num_matvecs=10)
+    with pytest.raises(OptionError, match="key: eigenvalues"):
+        cv.eigenvalues(mv, None, like=like, k=2)
+    with pytest.raises(OptionError, match="batch_size: expected an integer ≥ 1, got 0"):
+        cv.hessian(f, {"a": jnp.ones(3)}, batch_size=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,6 +557,59 @@ def test_rtol_loop_equals_one_shot_when_it_never_stops(method, sampler):
     )(jax.random.key(2))
     assert int(seq.num_matvecs) == 32
     np.testing.assert_allclose([seq.value, seq.std_error], [one.value, one.std_error], rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("method", "budget"), [("hutchinson", 19), ("hutchinson", 25), ("hutch++", 40)]
+)
+def test_rtol_spends_the_whole_budget_when_it_never_stops(method, budget):
+    # budgets that are not a multiple of the block: the rest is one last, smaller block
+    B = _spd(60, np.linspace(1.0, 2.0, 60), seed=1)
+    kw = dict(like=jnp.zeros(60), num_matvecs=budget, method=method)
+    one = cv.trace(lambda v: B @ v, jax.random.key(0), **kw)
+    seq = cv.trace(lambda v: B @ v, jax.random.key(0), rtol=1e-14, **kw)
+    assert int(seq.num_matvecs) == budget
+    np.testing.assert_allclose([seq.value, seq.std_error], [one.value, one.std_error], rtol=1e-10)
+
+
+def test_rtol_blocks_do_not_depend_on_batch_size():
+    # batch_size chunks the products (memory); the stop is tested on blocks of ≥ 10 probes whatever
+    # it is (hessian_trace's default batch_size = 1 tested the stop every 2 probes)
+    n = 60
+    lam = np.linspace(1.0, 2.0, n)
+    B = _spd(n, lam, seed=1)
+
+    def f(x):
+        return 0.5 * x @ (B @ x)
+
+    for bs in (1, 3, None):
+        est = cv.hessian_trace(
+            f, jnp.zeros(n), jax.random.key(0), num_matvecs=50, rtol=0.02, batch_size=bs
+        )
+        assert int(est.num_matvecs) % 10 == 0 and int(est.num_matvecs) >= 10, bs
+        same = cv.trace(
+            lambda v: B @ v, jax.random.key(0), like=jnp.zeros(n), num_matvecs=50, rtol=0.02
+        )
+        np.testing.assert_allclose(est.value, same.value, rtol=1e-10)
+
+
+def test_float32_estimates_keep_their_dtype():
+    n = 30
+    A32 = _spd(n, np.linspace(1.0, 2.0, n)).astype(jnp.float32)
+    like = jnp.zeros(n, jnp.float32)
+    for method in cv.TRACE_METHODS:
+        for rtol in (None, 1e-3):
+            est = jax.jit(
+                lambda k, m=method, r=rtol: cv.trace(
+                    lambda v: A32 @ v, k, like=like, num_matvecs=20, method=m, rtol=r
+                )
+            )(jax.random.key(0))
+            assert est.value.dtype == est.std_error.dtype == jnp.float32, (method, rtol)
+    for method in cv.DIAGONAL_METHODS:
+        d = cv.diagonal(
+            lambda v: A32 @ v, jax.random.key(0), like=like, num_matvecs=10, method=method
+        )
+        assert d.value.dtype == d.std_error.dtype == jnp.float32, method
 
 
 # ------------------------------------------------------------------------------------------------

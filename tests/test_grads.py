@@ -6,11 +6,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gradlab import grads, problems
 from gradlab._tree import relative_error
-from gradlab._validate import NotScalarError, OptionError, UnknownNameError
+from gradlab._validate import NotScalarError, OptionError, ShapeError, UnknownNameError
 
 PROBLEMS = ["quadratic", "least_squares", "logistic_regression", "mlp", "log_det"]
 # (name, options, relative tolerance against jax.grad or None for stochastic, counts(d) -> (evals, grads, jvps))
@@ -136,6 +137,42 @@ def test_standard_error_is_calibrated():
     assert _within(est.std_error**2, (D - 1) * jnp.sum(g**2) / k)
     one = grads.two_point()(fn, x, jax.random.key(0))
     assert bool(jnp.isnan(one.std_error))
+
+
+@pytest.mark.parametrize("name", ["two_point", "forward_gradient"])
+@pytest.mark.parametrize("distribution", ["orthogonal", "coordinate"])
+def test_standard_error_without_replacement(name, distribution):
+    """k of d directions without replacement: E[std_error²] = E‖G − ∇f‖² = (d/k − 1)‖∇f‖² (the
+    finite-population correction 1 − k/d), and k = d (an exact gradient) has a 0 error bar."""
+    fn, x, g = _quadratic()
+    k = 4
+    est = _many(grads.make(name, num_directions=k, distribution=distribution), fn, x, 4000)
+    theory = (D / k - 1) * jnp.sum(g**2)
+    assert _within(jnp.sum((est.grad - g[None, :]) ** 2, axis=1), theory)
+    assert _within(est.std_error**2, theory), float(jnp.mean(est.std_error**2) / theory)
+    full = grads.make(name, num_directions=D, distribution=distribution)(fn, x, jax.random.key(1))
+    np.testing.assert_allclose(full.grad, g, rtol=1e-6)
+    assert float(full.std_error) == 0.0
+
+
+def test_mixed_precision_leaves_get_steps_of_their_own_dtype():
+    """A float32 leaf ravelled with float64 ones is stored in float32: its FD steps and the
+    smoothing must be sized by float32's ε (with float64's they round away: a zero gradient)."""
+    params = {"a": jnp.arange(1.0, 4.0, dtype=jnp.float32), "b": jnp.array([1.0, 2.0])}
+
+    def fn(p):
+        return jnp.sum(p["a"].astype(jnp.float64) ** 2) + jnp.sum(p["b"] ** 3)
+
+    want = {"a": np.array([2.0, 4.0, 6.0]), "b": np.array([3.0, 12.0])}
+    for strategy, rtol in [
+        (grads.forward_difference(), 1e-3),
+        (grads.central_difference(), 1e-4),
+        (grads.two_point(num_directions=5, distribution="coordinate"), 1e-4),
+    ]:
+        est = strategy(fn, params, jax.random.key(0))
+        assert est.grad["a"].dtype == jnp.float32 and est.grad["b"].dtype == jnp.float64
+        for leaf in ("a", "b"):
+            np.testing.assert_allclose(est.grad[leaf], want[leaf], rtol=rtol, err_msg=strategy.name)
 
 
 def test_orthogonal_and_coordinate_full_rank_are_exact():
@@ -266,6 +303,9 @@ def test_call_errors():
         grads.exact()(lambda z: z * 2, x, jax.random.key(0))
     with pytest.raises(OptionError, match=r"key: expected a jax.random.key, got None"):
         grads.exact()(jnp.sum, x, None)
+    for name in set(grads.names()) - {"exact"}:  # reverse mode returns the empty gradient
+        with pytest.raises(ShapeError, match=r"params: expected at least one entry"):
+            grads.make(name)(lambda p: jnp.sum(p["a"]), {"a": jnp.zeros(0)}, jax.random.key(0))
     with pytest.raises(OptionError, match=r"two_point: num_directions = 4 exceeds d = 3"):
         grads.two_point(num_directions=4, distribution="orthogonal")(jnp.sum, x, jax.random.key(0))
     with pytest.raises(OptionError, match=r"forward_gradient: num_directions = 5 exceeds d = 3"):

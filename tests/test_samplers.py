@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from gradlab import samplers
-from gradlab._validate import OptionError, UnknownNameError
+from gradlab._validate import OptionError, ShapeError, UnknownNameError
 
 NAMES = samplers.names()
 LIKE = {"W": jnp.zeros((2, 3)), "b": jnp.zeros(2)}  # a dict pytree, d = 8
@@ -30,6 +30,15 @@ def test_shape_dtype_and_direction(name, dtype):
     # direction(key, i) is row i of the block (the scheme the lean mode relies on)
     rows = jax.jit(jax.vmap(sample.direction, in_axes=(None, 0)))(key, jnp.arange(3))
     assert jnp.allclose(rows, V, rtol=0, atol=10 * jnp.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_half_precision_and_empty_like(name):
+    # half precision works for every sampler (orthogonal's QR runs in float32, then casts)
+    V = samplers.make(name, jnp.zeros(8, jnp.bfloat16), num=3)(jax.random.key(0))
+    assert V.dtype == jnp.bfloat16 and V.shape == (3, 8) and bool(jnp.all(jnp.isfinite(V)))
+    with pytest.raises(ShapeError, match="like: expected parameters with at least one entry"):
+        samplers.make(name, {"a": jnp.zeros(0)}, num=1)
 
 
 def test_iid_direction_is_fold_in(key):
