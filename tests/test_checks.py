@@ -356,9 +356,64 @@ def test_hvp_on_a_dict_pytree(key):
     assert result.value["W"].shape == (3, 3)
 
 
+def test_near_a_minimum_in_float32_a_wrong_rule_is_inconclusive_not_ok():
+    # a factor-2 error in a custom rule, checked in float32 next to the minimum: the differences'
+    # round-off (|f| = 1 ≫ ‖∇f‖ ≈ 1e-4) gives them tolerances > 0.1, so they cannot tell
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sum((x - 1.0) ** 2) + 1.0
+
+    f.defjvp(lambda p, t: (f(p[0]), jnp.sum(4 * (p[0] - 1.0) * t[0])))
+    x = 1.0 + 3e-5 * jnp.arange(1.0, 6.0, dtype=jnp.float32)
+    check = checks.gradient(f, x)
+    assert check.ok and not check.conclusive
+    assert "INCONCLUSIVE" in str(check) and "no method independent of the AD rules" in str(check)
+    with pytest.raises(AssertionError, match="inconclusive"):
+        check.raise_if_failed()
+    check.raise_if_failed(allow_inconclusive=True)
+    # away from the minimum the same rule is caught
+    assert not checks.gradient(f, x + 1.0).ok
+    # a correct gradient in float64 is conclusive
+    assert checks.gradient(quartic, jnp.array([1.0, -2.0, 0.5])).conclusive
+
+
+def test_half_precision_points_are_checked():
+    check = checks.gradient(lambda x: jnp.sum(x**2), jnp.ones(3, jnp.bfloat16))
+    assert check.ok and str(check.dtype) == "bfloat16" and not check.conclusive
+    h = checks.hvp(
+        lambda x: jnp.sum(x**3),
+        jnp.ones(3, jnp.float16),
+        lambda x, v: 6 * x * v,
+        v=jnp.ones(3, jnp.float16),
+    )
+    assert h.ok and h.tolerance >= 10 * float(jnp.finfo(jnp.float16).eps)
+
+
+def test_hvp_oracle_is_put_to_the_test_at_repeated_singular_values():
+    # σ₁ = σ₂: JAX's SVD derivative is undefined there and jax.hessian is off, while the closed form
+    # is right (it agrees with central differences of jax.grad); the failure says so
+    rng = np.random.default_rng(0)
+    q1 = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+    q2 = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    W = jnp.asarray(q1[:, :3] @ np.diag([3.0, 3.0, 1.0]) @ q2.T)
+    p = problems.make("svd_energy", jax.random.key(0), rows=5, cols=3, rank=2)
+    check = checks.hvp(p.loss, W, p.hvp, key=jax.random.key(1))
+    assert not check.ok and check.oracle_suspect
+    assert "the oracle is suspect here" in check.message
+    # a wrong closed form at a generic point is not excused
+    wrong = checks.hvp(
+        quartic, jnp.array([1.0, -2.0]), lambda x, v: 2 * x**2 * v, key=jax.random.key(0)
+    )
+    assert not wrong.ok and not wrong.oracle_suspect
+
+
 def test_hvp_validation():
     with pytest.raises(OptionError, match="key"):
         checks.hvp(quartic, jnp.ones(3), "fwd_rev")
+    with pytest.raises(OptionError, match="key: expected a single"):
+        checks.hvp(quartic, jnp.ones(3), "fwd_rev", key=0)
+    with pytest.raises(OptionError, match="key: expected a single"):
+        checks.catalog(["quadratic"], key=0)
     with pytest.raises(UnknownNameError, match="fwd_rev"):
         checks.hvp(quartic, jnp.ones(3), "fwd_fwd", key=jax.random.key(0))
     with pytest.raises(ShapeError):
