@@ -115,6 +115,9 @@ def sizes(f: Callable, x: Any, /) -> tuple[int, int]:
 
     >>> sizes(lambda p: {"y": p["a"] @ p["b"]}, {"a": jnp.ones((4, 3)), "b": jnp.ones(3)})
     (15, 4)
+
+    Reference: Griewank & Walther (2008), *Evaluating Derivatives*, ch. 3 (the cost of a Jacobian
+    grows with ``n`` in forward mode and with ``m`` in reverse mode).
     """
     n = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(x))
     out = jax.eval_shape(f, x)
@@ -132,6 +135,9 @@ def choose_mode(f: Callable, x: Any, /) -> str:
 
     >>> choose_mode(jnp.sum, jnp.ones(5)), choose_mode(lambda x: jnp.outer(x, x), jnp.ones(5))
     ('reverse', 'forward')
+
+    Reference: Griewank & Walther (2008), *Evaluating Derivatives*, ch. 3; Baydin et al. (2018),
+    *JMLR* 18(153), §3; Merkulov's lecture, "Choose your fighter" (which mode for which Jacobian).
     """
     n, m = sizes(f, x)
     return "forward" if n <= m else "reverse"
@@ -156,6 +162,9 @@ def jacobian(f: Callable, x: Any, /, *, mode: str = "auto") -> Any:
     Traceback (most recent call last):
     ...
     gradlab._validate.UnknownNameError: mode: unknown name 'backward'; expected one of [...]...
+
+    Reference: JAX documentation, "The Autodiff Cookbook" (``jacfwd`` vs ``jacrev``); Griewank &
+    Walther (2008), *Evaluating Derivatives*, ch. 3.
     """
     check_choice("mode", mode, MODES)
     _check_inexact("x", x)
@@ -293,6 +302,9 @@ def costs(
     Traceback (most recent call last):
     ...
     gradlab._validate.NotScalarError: ops: 'grad' needs f to return a scalar, got shape (2,). ...
+
+    Reference: Griewank & Walther (2008), *Evaluating Derivatives*, ch. 4 (complexity of tangent
+    and gradient propagation); JAX documentation, "The Autodiff Cookbook" (jvp and vjp).
     """
     check_positive_int("repeats", repeats)
     check_positive("min_sample_s", min_sample_s)
@@ -393,6 +405,9 @@ def crossing(ms: Sequence[float], forward: Sequence[float], reverse: Sequence[fl
     100.0
     >>> round(crossing([10, 1000], [1.0, 1.0], [0.1, 10.0]), 6)
     100.0
+
+    Reference: Merkulov's lecture, "Choose your fighter" (the figure whose crossover this locates);
+    linear interpolation on log–log axes.
     """
     lm = np.log(np.asarray(ms, dtype=float))
     r = np.log(np.asarray(reverse, dtype=float) / np.asarray(forward, dtype=float))
@@ -429,6 +444,9 @@ def crossover(
     >>> c = crossover(8, (4, 8, 16), key=jax.random.key(0), timed=False)
     >>> round(c.m_star_flops, 9), c.auto_mode
     (8.0, ('reverse', 'forward', 'forward'))
+
+    Reference: Merkulov's lecture, "Choose your fighter" (the figure: ``n = 100``, ``f(x) = Ax``);
+    Baydin et al. (2018), *JMLR* 18(153), §3; JAX documentation, "The Autodiff Cookbook".
     """
     n = check_positive_int("n", n)
     if isinstance(ms, int) or len(ms) < 2:
@@ -536,6 +554,9 @@ def mlp(
     >>> loss, params, data = mlp(jax.random.key(0), widths=(3, 4, 2), batch=5)
     >>> [w.shape for w in params["w"]], loss(params, *data).shape
     ([(3, 4), (4, 2)], ())
+
+    Reference: X. Glorot & Y. Bengio, "Understanding the difficulty of training deep feedforward
+    neural networks", AISTATS 2010 (the weight variance ``2/(fan_in + fan_out)``).
     """
     if isinstance(widths, int) or len(widths) < 2:
         raise OptionError(f"widths: expected at least 2 layer widths (in, …, out), got {widths!r}.")
@@ -588,6 +609,9 @@ def cheap_gradient_ratio(
     >>> r = cheap_gradient_ratio(loss, params, *data, timed=False)
     >>> 2 < r.flops_ratio < 4
     True
+
+    Reference: Griewank & Walther (2008), *Evaluating Derivatives*, §4.6 (the cheap gradient
+    principle); Baydin et al. (2018), *JMLR* 18(153), §3.
     """
     c = costs(
         loss,

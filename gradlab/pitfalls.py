@@ -19,6 +19,22 @@ of the ill-conditioned matrix) come from the fixed key ``jax.random.key(0)`` so 
 reproducible; the phenomena do not depend on it.
 
 Floor 1 (imports only gradlab's validation): this module computes and formats, nothing else.
+
+References:
+  D. Merkulov, "Matrix differentiation. Automatic differentiation. Checkpointing" (the SVD and MDS
+  examples); the d2l / Berkeley STAT 157 slides (subderivatives).
+  J. Townsend (2016), "Differentiating the singular value decomposition". P.-Å. Wedin (1972),
+  "Perturbation bounds in connection with singular value decomposition", *BIT* 12.
+  A. Griewank & A. Walther (2008), *Evaluating Derivatives*, 2nd ed., SIAM, ch. 14
+  (differentiation without differentiability). J. Bolte & E. Pauwels (2020), "A mathematical model
+  for automatic differentiation in machine learning", NeurIPS.
+  JAX documentation, FAQ, "Gradients contain NaN where using ``where``". NumPy documentation,
+  ``numpy.linalg.slogdet``. K. B. Petersen & M. S. Pedersen, *The Matrix Cookbook*.
+  Y. Takane, F. W. Young & J. de Leeuw (1977), *Psychometrika* 42 (SSTRESS). J. B. Kruskal (1964),
+  *Psychometrika* 29 (stress). I. Borg & P. J. F. Groenen (2005), *Modern Multidimensional
+  Scaling*, 2nd ed., Springer.
+  N. J. Higham (2002), *Accuracy and Stability of Numerical Algorithms*, 2nd ed., SIAM, ch. 9 and
+  ch. 14 (LU solves vs the inverse).
 """
 
 from __future__ import annotations
@@ -163,6 +179,10 @@ def svd_repeated() -> Pitfall:
 
     >>> svd_repeated().values["nan_fraction"]
     1.0
+
+    Reference: J. Townsend, "Differentiating the singular value decomposition", 2016 (the
+    ``1/(σⱼ² − σᵢ²)`` terms of the rule for U and V); Merkulov's lecture, "Gradient propagation
+    through the SVD" (the σ-only gradient ``U Vᵀ``).
     """
     with jax.enable_x64(True):
         v = jax.tree.map(np.asarray, _svd_repeated_arrays(jnp.diag(jnp.array([3.0, 2.0, 2.0]))))
@@ -191,6 +211,10 @@ def svd_near_degenerate(gaps: Sequence[float] = (1e-2, 1e-4, 1e-6, 1e-8)) -> Pit
 
     >>> [round(g) for g in svd_near_degenerate(gaps=(1e-2, 1e-4)).values["grad"]]
     [50, 5000]
+
+    Reference: J. Townsend (2016), as for :func:`svd_repeated`; P.-Å. Wedin, "Perturbation bounds
+    in connection with singular value decomposition", BIT 12, 1972 (singular vectors are
+    ill-conditioned as the gap closes).
     """
 
     def u10(W):
@@ -226,6 +250,9 @@ def sqrt_at_zero() -> Pitfall:
 
     >>> sqrt_at_zero().values["grad_sqrt"]
     inf
+
+    Reference: Griewank & Walther (2008), *Evaluating Derivatives*, ch. 14, "Differentiation without
+    Differentiability" (AD where an elemental function such as √ is not differentiable).
     """
     with jax.enable_x64(True):
         zero = jnp.zeros((), jnp.float64)
@@ -250,6 +277,9 @@ def norm_at_zero() -> Pitfall:
 
     >>> norm_at_zero().values["grad_norm"]
     array([nan, nan, nan])
+
+    Reference: JAX documentation, FAQ, "Gradients contain NaN where using ``where``" (the
+    double-``where`` trick); Griewank & Walther (2008), *Evaluating Derivatives*, ch. 14.
     """
     with jax.enable_x64(True):
         zeros = jnp.zeros(3, jnp.float64)
@@ -306,6 +336,9 @@ def logdet_overflow(n: int = 200) -> Pitfall:
 
     >>> logdet_overflow(n=200).values["small"]["logdet_naive"]
     -inf
+
+    Reference: NumPy documentation, ``numpy.linalg.slogdet`` (``det`` can over- or underflow,
+    ``slogdet`` does not); Petersen & Pedersen, *The Matrix Cookbook* (``∂ log|det X|/∂X = X⁻ᵀ``).
     """
     with jax.enable_x64(True):
         out: dict[str, Any] = {}
@@ -354,6 +387,10 @@ def subgradients_at_zero() -> Pitfall:
 
     >>> subgradients_at_zero().values
     {'abs': 1.0, 'maximum': 0.5, 'relu': 0.0}
+
+    Reference: the d2l / Berkeley STAT 157 slides, "Subderivative" (``∂|x|``, ``∂max(x, 0)`` at 0);
+    J. Bolte & E. Pauwels, "A mathematical model for automatic differentiation in machine
+    learning", NeurIPS 2020 (what AD returns at a kink depends on how the function is written).
     """
     with jax.enable_x64(True):
         zero = jnp.zeros((), jnp.float64)
@@ -418,6 +455,9 @@ def mds_factor() -> Pitfall:
 
     >>> mds_factor().values["ratio"]
     0.5
+
+    Reference: Merkulov's lecture, "Example: multidimensional scaling" (the loss); Y. Takane,
+    F. W. Young & J. de Leeuw, Psychometrika 42, 1977 (squared-distance stress, SSTRESS).
     """
     with jax.enable_x64(True):
         v = {k: float(x) for k, x in _mds_arrays(*_mds_data()).items()}
@@ -467,6 +507,10 @@ def stress_at_zero_distance() -> Pitfall:
 
     >>> stress_at_zero_distance().values["nan_fraction"]
     1.0
+
+    Reference: J. B. Kruskal, Psychometrika 29, 1964 (stress of distances); I. Borg & P. J. F.
+    Groenen, *Modern Multidimensional Scaling*, 2nd ed., Springer 2005; JAX documentation, FAQ,
+    "Gradients contain NaN where using ``where``".
     """
     with jax.enable_x64(True):
         W, D2 = _mds_data()
@@ -514,6 +558,9 @@ def inv_vs_solve(cond: float = 1e12, n: int = 50) -> Pitfall:
     >>> v = inv_vs_solve().values
     >>> bool(v["backward_error_inv"] > 1e6 * v["backward_error_solve"])
     True
+
+    Reference: N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., SIAM 2002,
+    ch. 9 (LU with partial pivoting) and ch. 14 (matrix inversion: why not to solve with inv).
     """
     with jax.enable_x64(True):
         A = jax.jit(_with_condition_number, static_argnums=1)(jax.random.key(_KEY_SEED), n, cond)
@@ -556,6 +603,8 @@ def names() -> list[str]:
 
     >>> names()[:3]
     ['svd_repeated', 'svd_near_degenerate', 'sqrt_at_zero']
+
+    Reference: the sources of each pitfall, in its docstring and the module's References.
     """
     return list(_PITFALLS)
 
@@ -568,6 +617,8 @@ def run(which: str | Iterable[str] | None = None) -> list[Pitfall]:
 
     >>> [p.name for p in run("mds_factor")]
     ['mds_factor']
+
+    Reference: the sources of each pitfall, in its docstring and the module's References.
     """
     if isinstance(which, str):  # one name, not an iterable of characters
         which = [which]
@@ -588,6 +639,9 @@ def table(pitfalls: Sequence[Pitfall] | None = None) -> str:
 
     >>> print(table(run(["subgradients_at_zero"])).splitlines()[0])
     | # | pitfall | what | JAX says | truth | lesson |
+
+    Reference: GitHub Flavored Markdown Spec, "Tables (extension)" (the table format); the
+    pitfalls' sources in the module's References.
     """
     if pitfalls is None:
         pitfalls = run()

@@ -159,6 +159,9 @@ def names() -> list[str]:
 
     >>> "binomial" in names() and "dots_saveable" in names()
     True
+
+    Reference: JAX documentation, "Gradient checkpointing with jax.checkpoint" (the named policies);
+    Chen et al. (2016) (``sqrt``); Griewank & Walther (2000), Revolve (``binomial``).
     """
     return sorted(_OPTIONS)
 
@@ -175,6 +178,9 @@ def policy(name: str, *, names: Sequence[str] | None = None) -> Callable:
     Traceback (most recent call last):
     ...
     gradlab._validate.UnknownNameError: policy: unknown name 'dots_savable'; expected one of [...]. Did you mean 'dots_saveable'?
+
+    Reference: JAX documentation, "Gradient checkpointing with jax.checkpoint"
+    (``jax.checkpoint_policies`` and ``jax.ad_checkpoint.checkpoint_name``).
     """
     check_choice("policy", name, [*_POLICIES, *_NAMED_POLICIES])
     if name in _NAMED_POLICIES:
@@ -264,6 +270,9 @@ def revolve_capacity(snapshots: int, repeats: int) -> int:
 
     >>> revolve_capacity(3, 2), revolve_capacity(1, 4)
     (10, 5)
+
+    Reference: Griewank (1992), *Optim. Methods Softw.* 1:35–54; Griewank & Walther (2000),
+    "Algorithm 799: Revolve", *ACM TOMS* 26(1):19–45.
     """
     s = check_positive_int("snapshots", snapshots)
     t = check_positive_int("repeats", repeats, minimum=0)
@@ -409,6 +418,9 @@ def plan(
     Traceback (most recent call last):
     ...
     gradlab._validate.OptionError: num_layers: expected an integer ≥ 1, got 0.
+
+    Reference: Griewank & Walther (2000), "Algorithm 799: Revolve", *ACM TOMS* 26(1); Griewank &
+    Walther (2008), *Evaluating Derivatives*, §12.3; Chen et al. (2016), arXiv:1604.06174 (sqrt).
     """
     L = check_positive_int("num_layers", num_layers)
     if calibration is not None:
@@ -779,6 +791,9 @@ def scan_layers(
     Traceback (most recent call last):
     ...
     gradlab._validate.UnknownNameError: strategy: unknown name 'sqrtt'; expected one of [...]. Did you mean 'sqrt'?
+
+    Reference: JAX documentation, "Gradient checkpointing with jax.checkpoint" (remat of scans,
+    recursive checkpointing); Chen et al. (2016); Griewank & Walther (2000), Revolve.
     """
     check_choice("strategy", strategy, _OPTIONS)
     check_options(f"scan_layers(strategy={strategy!r})", options, _OPTIONS[strategy])
@@ -837,6 +852,9 @@ def tape_cost(layer: Callable, params: Any, x: Any, /, *, policy: str | None = N
     3.0
     >>> tape_cost(layer, jnp.ones((1, 4, 4)), jnp.ones((2, 4)), policy="dots_saveable")
     1.0
+
+    Reference: JAX documentation, "Gradient checkpointing with jax.checkpoint"
+    (``print_saved_residuals``); Griewank & Walther (2008), *Evaluating Derivatives*, ch. 4.
     """
     pol = None if policy is None else globals()["policy"](policy)
     one = _slice(params, 0, 1)
@@ -872,6 +890,9 @@ def calibrate(
     >>> cal = calibrate(layer, jnp.ones((1, 16, 16), jnp.float32), jnp.ones((512, 16), jnp.float32))
     >>> cal.tape_cost, round(cal.working, 1), cal.single  # x, tanh, 1 − tanh; state, cotangent, …
     (3.0, 3.0, 2.0)
+
+    Reference: JAX documentation, "Ahead-of-time lowering and compilation" and
+    ``jax.stages.Compiled.memory_analysis``; Griewank & Walther (2008), ch. 4 (memory of the tape).
     """
     act = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(lambda x: x, x)))
     one = _slice(params, 0, 1)
@@ -961,6 +982,9 @@ def measure(
     >>> m = measure(f, jnp.ones((8, 8)), run=False)
     >>> m.dot_flops == 4 * 2 * 8**3, m.xla_flops < m.flops  # the loop body runs 4 times
     (True, True)
+
+    Reference: JAX documentation, "Ahead-of-time lowering and compilation" (``cost_analysis``,
+    ``memory_analysis``), "Asynchronous dispatch" (timing with ``block_until_ready``).
     """
     check_positive_int("repeats", repeats)
     t0 = time.perf_counter()
@@ -1083,6 +1107,9 @@ def hlo_flops(hlo_text: str) -> dict[str, float]:
     >>> f = jax.jit(lambda a, b: a @ b + 1.0)
     >>> hlo_flops(f.lower(jnp.ones((4, 3)), jnp.ones((3, 5))).compile().as_text())["dot_flops"]
     120.0
+
+    Reference: XLA, ``HloCostAnalysis`` (xla/service/hlo_cost_analysis.cc: a multiply-add is 2
+    FLOPs, transcendentals are counted apart, a while body once); XLA docs, "Operation semantics".
     """
     comps: dict[str, list[tuple]] = {}
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}

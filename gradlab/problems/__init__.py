@@ -98,6 +98,28 @@ def register(name: str) -> Callable[[Factory], Factory]:
 
     The factory's keyword-only parameters, with their defaults, are the problem's options; the
     signature is the single source of defaults.
+
+    >>> import jax, jax.numpy as jnp
+    >>> @register("zz_scaled_square")
+    ... def zz_scaled_square(key, /, *, scale=2.0):
+    ...     return Problem(
+    ...         name="zz_scaled_square",
+    ...         loss=lambda x: scale * jnp.sum(x**2),
+    ...         grad=lambda x: 2 * scale * x,
+    ...         hvp=lambda x, v: 2 * scale * v,
+    ...         init=jnp.ones(3),
+    ...     )
+    >>> options("zz_scaled_square")
+    {'scale': 2.0}
+    >>> p = make("zz_scaled_square", jax.random.key(0), scale=0.5)
+    >>> p.grad(p.init).tolist()
+    [1.0, 1.0, 1.0]
+    >>> del _REGISTRY["zz_scaled_square"]  # a demo: leave the catalog as it was
+    >>> "zz_scaled_square" in names()
+    False
+
+    Reference: PEP 318 (decorators) and PEP 3102 (keyword-only arguments, here the options); each
+    problem cites its own sources in its docstring and in ``Problem.reference``.
     """
 
     def deco(factory: Factory) -> Factory:
@@ -114,6 +136,9 @@ def names() -> list[str]:
 
     >>> names()[:3]
     ['forward_mode_example', 'least_squares', 'linear_solve']
+
+    Reference: Magnus & Neudecker, *Matrix Differential Calculus* (the method of the catalog); each
+    problem cites its own sources in its docstring and in ``Problem.reference``.
     """
     return sorted(_REGISTRY)
 
@@ -123,6 +148,9 @@ def options(name: str) -> dict[str, Any]:
 
     >>> options("least_squares")["dim"]
     10
+
+    Reference: PEP 3102 (keyword-only arguments) and the Python documentation of
+    ``inspect.signature``: the options are the factory's keyword-only parameters.
     """
     check_choice("problem", name, _REGISTRY)
     return keyword_defaults(_REGISTRY[name])
@@ -133,6 +161,8 @@ def describe(name: str) -> str:
 
     >>> describe("toy_graph")
     'The backprop toy graph f(x, y, z) = (x + y)z at (−2, 5, −4): f = −12, ∇f = (−4, −4, 3).'
+
+    Reference: PEP 257 (docstring conventions: the first line is the summary).
     """
     check_choice("problem", name, _REGISTRY)
     doc = inspect.getdoc(_REGISTRY[name]) or ""
@@ -155,6 +185,9 @@ def make(name: str, key: Any, /, **opts: Any) -> Problem:
     >>> p = make("quadratic", jax.random.key(1), dim=4)
     >>> p.init.shape
     (4,)
+
+    Reference: Magnus & Neudecker, *Matrix Differential Calculus* (the differentials the closed
+    forms are derived with); each problem's own sources in its docstring and ``Problem.reference``.
     """
     check_choice("problem", name, _REGISTRY)
     accepted = options(name)

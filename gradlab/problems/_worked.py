@@ -397,6 +397,10 @@ def schwarz_mixed_partials(*, h: float = 1e-3) -> SchwarzMixedPartials:
     >>> m = schwarz_mixed_partials()
     >>> round(m.fxy, 12), round(m.fyx, 12)
     (-1.0, 1.0)
+
+    Reference: Peano's counterexample (Genocchi & Peano, *Calcolo differenziale*, 1884), after
+    Schwarz (1873); D. Merkulov, "Matrix differentiation. Automatic differentiation. Checkpointing"
+    (the Schwarz theorem and this counterexample).
     """
     h = check_positive("h", h)
     dt = resolve_dtype(None)
