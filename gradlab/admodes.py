@@ -68,6 +68,7 @@ from gradlab._validate import (
     NotScalarError,
     OptionError,
     check_choice,
+    check_key,
     check_positive,
     check_positive_int,
 )
@@ -187,6 +188,7 @@ class OpCost(NamedTuple):
     (:func:`gradlab.remat.hlo_flops`; ``dot_flops`` its matmul part, ``xla_flops`` XLA's own
     ``cost_analysis``); ``memory_bytes`` = compiled temp + output bytes. ``time_ratio`` and ``flops_ratio``
     are ÷ the ``forward`` operation measured in the same call (``None`` when timing was off).
+    ``uncounted`` names ops whose work ``flops`` leaves out (library calls, FFTs).
     """
 
     op: str
@@ -199,6 +201,7 @@ class OpCost(NamedTuple):
     memory_bytes: int
     time_ratio: float | None
     flops_ratio: float
+    uncounted: tuple[str, ...] = ()
 
 
 def _op_fn(op: str, f: Callable) -> Callable:
@@ -358,6 +361,7 @@ def costs(
             memory_bytes=m.memory_bytes,
             time_ratio=None if med is None else med[op] / med["forward"],
             flops_ratio=m.flops / base if base > 0 else float("nan"),
+            uncounted=m.uncounted,
         )
         for op, m in measured.items()
     }
@@ -449,6 +453,7 @@ def crossover(
     Baydin et al. (2018), *JMLR* 18(153), §3; JAX documentation, "The Autodiff Cookbook".
     """
     n = check_positive_int("n", n)
+    check_key(key, "crossover")
     if isinstance(ms, int) or len(ms) < 2:
         raise OptionError(f"ms: expected a sequence of at least 2 output sizes m ≥ 1, got {ms!r}.")
     ms = tuple(check_positive_int("ms", m) for m in ms)
@@ -528,7 +533,8 @@ def crossover(
 
 class CheapGradient(NamedTuple):
     """``grad ÷ forward`` of a scalar loss: ``time_ratio`` (medians of interleaved rounds; ``None`` if not
-    timed) and ``flops_ratio`` (compiled HLO), with the underlying numbers."""
+    timed) and ``flops_ratio`` (compiled HLO), with the underlying numbers; ``uncounted`` names ops
+    of either program whose work the FLOP count leaves out (then ``flops_ratio`` is partial)."""
 
     time_ratio: float | None
     flops_ratio: float
@@ -536,6 +542,7 @@ class CheapGradient(NamedTuple):
     grad_s: float | None
     forward_flops: float
     grad_flops: float
+    uncounted: tuple[str, ...] = ()
 
 
 def mlp(
@@ -631,4 +638,5 @@ def cheap_gradient_ratio(
         grad_s=grad.run_s,
         forward_flops=fwd.flops,
         grad_flops=grad.flops,
+        uncounted=tuple(sorted(set(fwd.uncounted) | set(grad.uncounted))),
     )

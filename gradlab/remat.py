@@ -945,6 +945,8 @@ class Measurement(NamedTuple):
     ``memory_analysis().peak_memory_in_bytes`` ignores temporaries there). ``flops`` counts loop bodies times
     their trip counts (:func:`hlo_flops`); ``xla_flops`` is ``cost_analysis()['flops']``, which counts a
     loop body once. ``rss_rise_bytes`` is the VmHWM rise of one run (``None`` unless ``rss=True``).
+    ``uncounted`` names the ops whose work ``flops`` leaves out (library calls, FFTs: see
+    :func:`hlo_flops`); empty when the count is complete.
     """
 
     temp_bytes: int
@@ -959,6 +961,7 @@ class Measurement(NamedTuple):
     run_s: float | None
     saved_residuals: tuple[str, ...]
     rss_rise_bytes: int | None
+    uncounted: tuple[str, ...] = ()
 
 
 def measure(
@@ -1017,6 +1020,7 @@ def measure(
         dot_flops=counted["dot_flops"],
         xla_flops=float(ca.get("flops", float("nan"))),
         unknown_trip_counts=int(counted["unknown_trip_counts"]),
+        uncounted=counted["uncounted"],
         compile_s=compile_s,
         run_s=run_s,
         saved_residuals=residuals,
@@ -1094,19 +1098,35 @@ def _split_instr(rest: str):
     return dims, m.group(1), rest[m.end() : j], rest[j + 1 :]
 
 
-def hlo_flops(hlo_text: str) -> dict[str, float]:
+# ops whose work the HLO count cannot see (library calls and algorithms with data-dependent cost)
+_UNCOUNTED = frozenset({"custom-call", "fft", "triangular-solve", "cholesky", "sort"})
+
+
+def hlo_flops(hlo_text: str) -> dict[str, Any]:
     """FLOPs of an optimized HLO module, multiplying loop bodies by their ``known_trip_count``.
 
-    Counts ``dot`` as ``2 × output elements × contracted size``, elementwise arithmetic and ``compare`` /
-    ``select`` as one per output element, ``reduce`` as one per input element, and recurses into fusions,
-    calls, conditionals (the costliest branch) and while loops (body and condition × trip count; a loop
-    without a known trip count is counted once and reported in ``unknown_trip_counts``). Transcendentals
-    (``tanh``, ``exp``, …) are not FLOPs, as in XLA's cost analysis. Returns ``flops``, ``dot_flops`` and
-    ``unknown_trip_counts``.
+    Counts ``dot`` as ``2 × output elements × contracted size``, ``convolution`` as ``2 × output
+    elements × kernel elements per output feature`` (padding included, so slightly above XLA's
+    count), elementwise arithmetic and ``compare`` / ``select`` as one per output element, ``reduce`` as
+    one per input element, and recurses into fusions, calls, conditionals (the costliest branch) and
+    while loops (body and condition × trip count; a loop without a known trip count is counted once
+    and reported in ``unknown_trip_counts``). Transcendentals (``tanh``, ``exp``, …) are not FLOPs, as
+    in XLA's cost analysis. Work this count cannot see — library calls (``custom-call``: LAPACK's
+    Cholesky, QR, eigh, SVD on CPU; cuBLAS/cuDNN on GPU), ``fft``, ``triangular-solve``, ``sort`` — is
+    listed by op name in ``uncounted``, so a ratio built on ``flops`` can say what it leaves out.
+    Returns ``flops``, ``dot_flops`` (dots and convolutions), ``unknown_trip_counts`` and
+    ``uncounted``.
 
     >>> f = jax.jit(lambda a, b: a @ b + 1.0)
     >>> hlo_flops(f.lower(jnp.ones((4, 3)), jnp.ones((3, 5))).compile().as_text())["dot_flops"]
     120.0
+    >>> conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+    ...     x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")))
+    >>> hlo_flops(conv.lower(jnp.ones((2, 16, 8)), jnp.ones((3, 8, 4))).compile().as_text())["flops"]
+    6144.0
+    >>> fft = jax.jit(lambda x: jnp.fft.fft(x).real.sum())
+    >>> hlo_flops(fft.lower(jnp.ones(256)).compile().as_text())["uncounted"]
+    ('fft',)
 
     Reference: XLA, ``HloCostAnalysis`` (xla/service/hlo_cost_analysis.cc: a multiply-add is 2
     FLOPs, transcendentals are counted apart, a while body once); XLA docs, "Operation semantics".
@@ -1141,18 +1161,31 @@ def hlo_flops(hlo_text: str) -> dict[str, float]:
             shapes[current][mi.group(1)] = dims
         comps[current].append((dims, op, operands, attrs))
 
-    memo: dict[str, tuple[float, float, int]] = {}
+    memo: dict[str, tuple[float, float, int, frozenset]] = {}
 
-    def cost(name: str) -> tuple[float, float, int]:
+    def cost(name: str) -> tuple[float, float, int, frozenset]:
         if name in memo:
             return memo[name]
-        memo[name] = (0.0, 0.0, 0)  # guards against cycles
+        memo[name] = (0.0, 0.0, 0, frozenset())  # guards against cycles
         total = dots = 0.0
         unknown = 0
+        missed: set[str] = set()
         table = shapes.get(name, {})
         for dims, op, operands, attrs in comps.get(name, []):
             n_out = float(np.prod(dims)) if dims is not None else 0.0
-            if op == "dot":
+            if op in _UNCOUNTED:
+                missed.add(op)
+            elif op == "convolution":
+                args = re.findall(r"%([\w.\-]+)", operands)
+                labels = re.search(r"dim_labels=[^_]*_([^-]*)->", attrs)
+                rhs = table.get(args[1], ()) if len(args) > 1 else ()
+                if labels and rhs and "o" in labels.group(1):
+                    k = float(np.prod(rhs)) / rhs[labels.group(1).index("o")]
+                    total += 2 * n_out * k
+                    dots += 2 * n_out * k
+                else:
+                    missed.add(op)
+            elif op == "dot":
                 lhs = re.findall(r"%([\w.\-]+)", operands)
                 contract = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
                 lhs_dims = table.get(lhs[0], ()) if lhs else ()
@@ -1169,8 +1202,9 @@ def hlo_flops(hlo_text: str) -> dict[str, float]:
             elif op == "fusion" or op == "call":
                 callee = re.search(r"(?:calls|to_apply)=%([\w.\-]+)", attrs)
                 if callee:
-                    t, d, u = cost(callee.group(1))
+                    t, d, u, m = cost(callee.group(1))
                     total, dots, unknown = total + t, dots + d, unknown + u
+                    missed |= m
             elif op == "while":
                 body = re.search(r"body=%([\w.\-]+)", attrs)
                 cond = re.search(r"condition=%([\w.\-]+)", attrs)
@@ -1179,8 +1213,9 @@ def hlo_flops(hlo_text: str) -> dict[str, float]:
                 unknown += 0 if trip else 1
                 for callee in (body, cond):
                     if callee:
-                        t, d, u = cost(callee.group(1))
+                        t, d, u, m = cost(callee.group(1))
                         total, dots, unknown = total + n * t, dots + n * d, unknown + u
+                        missed |= m
             elif op == "conditional":
                 branches = re.findall(
                     r"%([\w.\-]+)",
@@ -1194,12 +1229,18 @@ def hlo_flops(hlo_text: str) -> dict[str, float]:
                 if branches:
                     best = max((cost(b) for b in branches), key=lambda c: c[0])
                     total, dots, unknown = total + best[0], dots + best[1], unknown + best[2]
-        memo[name] = (total, dots, unknown)
+                    missed |= best[3]
+        memo[name] = (total, dots, unknown, frozenset(missed))
         return memo[name]
 
     if entry is None:
         raise ShapeError(
             "hlo_text: no ENTRY computation found; pass compiled.as_text() of a jitted function."
         )
-    total, dots, unknown = cost(entry)
-    return {"flops": total, "dot_flops": dots, "unknown_trip_counts": unknown}
+    total, dots, unknown, missed = cost(entry)
+    return {
+        "flops": total,
+        "dot_flops": dots,
+        "unknown_trip_counts": unknown,
+        "uncounted": tuple(sorted(missed)),
+    }

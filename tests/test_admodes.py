@@ -208,6 +208,8 @@ def test_crossover_errors_name_the_argument():
     key = jax.random.key(0)
     with pytest.raises(OptionError, match="n: expected an integer ≥ 1"):
         admodes.crossover(0, (1, 2), key=key)
+    with pytest.raises(OptionError, match="key: expected a single"):
+        admodes.crossover(4, (2, 4), key=0)
     with pytest.raises(OptionError, match="ms: expected a sequence of at least 2"):
         admodes.crossover(4, (8,), key=key)
     with pytest.raises(OptionError, match="ms: expected increasing distinct sizes"):
@@ -257,3 +259,23 @@ def test_mlp_shapes_and_errors():
         admodes.mlp(jax.random.key(0), widths=(3,))
     with pytest.raises(OptionError, match="batch: expected an integer ≥ 1"):
         admodes.mlp(jax.random.key(0), batch=0)
+
+
+def test_cheap_gradient_ratio_of_a_convolution_stack():
+    # convolutions are counted (they were 0 FLOPs, which made the ratio ~16)
+    from jax import lax
+
+    from gradlab import remat
+
+    def layer(p, x):
+        return jnp.tanh(
+            lax.conv_general_dilated(x, p, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        )
+
+    r = admodes.cheap_gradient_ratio(
+        lambda P, x: jnp.sum(remat.scan_layers(layer, P, x)),
+        0.1 * jnp.ones((4, 3, 8, 8)),
+        jnp.ones((2, 16, 8)),
+        timed=False,
+    )
+    assert 2.0 < r.flops_ratio < 4.0 and r.uncounted == ()

@@ -115,6 +115,10 @@ def test_unknown_problem_is_a_clear_error():
         UnknownNameError, match=r"problem: unknown name 'quadratc'.*Did you mean 'quadratic'"
     ):
         problems.make("quadratc", jax.random.key(0))
+    with pytest.raises(OptionError, match=r"key: expected a single jax.random.key\(seed\)"):
+        problems.make("quadratic", 0)
+    with pytest.raises(OptionError, match=r"key: problem 'quadratic' needs an explicit PRNG key"):
+        problems.make("quadratic", None)
 
 
 def test_unknown_option_lists_the_accepted_ones():

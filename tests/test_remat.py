@@ -419,3 +419,21 @@ def test_errors_name_the_argument_and_range():
         remat.scan_layers(tanh_layer, params, x, strategy="sqrt", layer_vjp=tanh_vjp)
     with pytest.raises(ShapeError, match=r"params: every leaf must be stacked"):
         remat.scan_layers(tanh_layer, {"w": params["w"], "b": params["b"][:2]}, x)
+
+
+def test_hlo_flops_counts_convolutions_and_names_what_it_cannot_count():
+    conv = jax.jit(
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+    )
+    compiled = conv.lower(jnp.ones((2, 16, 8)), jnp.ones((3, 8, 4))).compile()
+    counted = remat.hlo_flops(compiled.as_text())
+    xla = compiled.cost_analysis()["flops"]
+    # 2 × (2·16·4 outputs) × (3·8 kernel entries per output feature); XLA leaves out the padding
+    assert counted["flops"] == 2 * (2 * 16 * 4) * (3 * 8) and xla <= counted["flops"] < 1.1 * xla
+    assert counted["uncounted"] == ()
+    fft = remat.measure(lambda x: jnp.fft.fft(x).real.sum(), jnp.ones(256), run=False)
+    assert fft.uncounted == ("fft",)
+    chol = remat.measure(lambda a: jnp.sum(jnp.linalg.cholesky(a)), jnp.eye(4), run=False)
+    assert chol.uncounted == ("custom-call",)

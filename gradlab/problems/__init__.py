@@ -23,7 +23,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gradlab._validate import OptionError, check_choice, check_options, keyword_defaults
+from gradlab._validate import (
+    check_choice,
+    check_key,
+    check_options,
+    keyword_defaults,
+)
 
 __all__ = [
     "Problem",
@@ -192,10 +197,7 @@ def make(name: str, key: Any, /, **opts: Any) -> Problem:
     check_choice("problem", name, _REGISTRY)
     accepted = options(name)
     check_options(f"problem {name!r}", opts, accepted)
-    if key is None:
-        raise OptionError(
-            f"problem {name!r}: key: expected a jax.random.key, got None. Pass jax.random.key(seed)."
-        )
+    check_key(key, f"problem {name!r}")
     return _REGISTRY[name](key, **opts)
 
 
