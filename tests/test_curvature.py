@@ -705,13 +705,12 @@ def test_spectral_density_integrates_to_one_and_moments():
 # Cases that miss the 0.93–0.97 coverage band (measured coverage over the test's 1000 seeds).
 # strict: when a fix lands they XPASS and the suite says so.
 MISCALIBRATED = {
-    # XTrace with 5 probes on 10 eigenvalues 1 and 190 at 0.01 is conservative (n = 1000: 0.982), not
-    # from a biased variance (n = 1000, 1000 seeds: sd of the error 1.85, √(mean std_error²) 1.86) but
-    # from the critical value: the studentized error's 95% quantile is 2.18, against t₄ ≈ 2.78 (+ the
-    # skewness term) for 5 terms. Its standard error is far steadier than a χ²₄ and grows with the
-    # error (a sketch that misses more of the top space leaves both a larger residual and a larger
-    # spread of terms). A Satterthwaite dof for s²/k + Ĉ gets 0.970–0.973 there (measured), not enough.
-    ("lowrank_noise", "xtrace", 10): 0.979,
+    # auto with 10 matvecs on 1/k (psd=False) decides between Hutchinson and XTrace from 5 probes,
+    # each judged by its own error bar, so the choice leans towards draws whose error bar came out
+    # small (selection). 0.933 before XTrace's critical value took the Satterthwaite degrees of
+    # freedom of its variance estimate (which moved XTrace itself from 0.942–0.979 to 0.939–0.951
+    # at m = 10 on these spectra, and brought XTrace on rank 10 + noise, 0.979, into the band).
+    ("inv_k", "auto", 10): 0.929,
 }
 # 200 seeds (the count) measure a coverage of 0.95 only to ±0.015 (one binomial standard
 # deviation), so a calibrated estimator would leave the 0.93–0.97 band in about one case of five; with
