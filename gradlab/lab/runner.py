@@ -90,8 +90,10 @@ def _git_commit() -> str | None:
         commit = out.stdout.strip()
         if out.returncode != 0 or not commit:
             return None
+        # dirty: the package's own files differ from the commit (not, e.g., the report folders a
+        # sweep is writing into the same checkout, which made every committed report '-dirty')
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
             cwd=Path(gradlab.__file__).parent,
             capture_output=True,
             text=True,
