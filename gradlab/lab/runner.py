@@ -342,19 +342,27 @@ def _is_report_folder(out: Path) -> bool:
     return (out / "config.json").is_file() or (out / "runs").is_dir()
 
 
-def _prepare_out(out: Path) -> None:
-    """Create the report folder ``out``, or raise :class:`GradlabError` (naming ``--out``) when it is a
-    file, not writable, or a non-empty folder that gradlab did not make (whose files a report would
-    overwrite or delete)."""
-    where = f"output folder {str(out)!r} (--out)"
+def _where(out: Path) -> str:
+    return f"output folder {str(out)!r} (--out)"
+
+
+def _check_out(out: Path) -> None:
+    """Raise :class:`GradlabError` (naming ``--out``) if ``out`` is a file, or a non-empty folder that
+    gradlab did not make (whose files a report would overwrite or delete); writes nothing."""
     if out.exists() and not out.is_dir():
-        raise GradlabError(f"{where}: exists and is not a folder; give a folder path.")
+        raise GradlabError(f"{_where(out)}: exists and is not a folder; give a folder path.")
     if out.is_dir() and any(out.iterdir()) and not _is_report_folder(out):
         raise GradlabError(
-            f"{where}: a non-empty folder that gradlab did not make (no config.json or runs/ in "
-            "it); a report writes report.md, report.html, figures/ and runs/ there. Choose a new or "
-            "empty folder."
+            f"{_where(out)}: a non-empty folder that gradlab did not make (no config.json or runs/ "
+            "in it); a report writes report.md, report.html, figures/ and runs/ there. Choose a new "
+            "or empty folder."
         )
+
+
+def _prepare_out(out: Path) -> None:
+    """:func:`_check_out`, then create ``out`` (raising if it cannot be created or written)."""
+    _check_out(out)
+    where = _where(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -451,8 +459,7 @@ def run(
     ids = [run_id(s, fingerprint, jax_version) for s in specs]
     unique = dict(zip(ids, specs, strict=True))
     out = Path(out) if out is not None else Path("gradlab-runs") / resolved.name
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_report_folder(out))):
-        _prepare_out(out)  # raises before any work
+    _check_out(out)  # before any work
     runs_dir = out / "runs"
     _clear_temp(runs_dir)
     cached = (
