@@ -178,7 +178,7 @@ def _std_error(sum_sq: jax.Array, g: jax.Array, k: int, sampler: samplers.Sample
     if k < 2:
         return jnp.asarray(jnp.nan, g.dtype)
     tr_cov = jnp.maximum(sum_sq - k * jnp.vdot(g, g), 0.0) / (k - 1)
-    if sampler.name in ("orthogonal", "coordinate"):
+    if sampler.name in samplers.DISTINCT:
         tr_cov = tr_cov * (1.0 - k / sampler.dim)
     return jnp.sqrt(tr_cov / k)
 
@@ -188,11 +188,11 @@ def _mixed(params: Params, x: jax.Array) -> bool:
     return any(jnp.result_type(leaf) != x.dtype for leaf in jax.tree.leaves(params))
 
 
-def _leaf_eps(params: Params, x: jax.Array) -> jax.Array:
-    """Machine ε per ravelled coordinate, of the dtype of the leaf it comes from (a scalar when every
-    leaf has ``x``'s dtype). A float32 leaf ravelled with float64 ones is stored in float32, so its
-    steps must be sized by float32's ε, not by the promoted dtype's."""
-    if not _mixed(params, x):
+def _leaf_eps(params: Params, x: jax.Array, mixed: bool) -> jax.Array:
+    """Machine ε per ravelled coordinate, of the dtype of the leaf it comes from (a scalar unless
+    ``mixed``, see :func:`_mixed`). A float32 leaf ravelled with float64 ones is stored in float32, so
+    its steps must be sized by float32's ε, not by the promoted dtype's."""
+    if not mixed:
         return jnp.asarray(jnp.finfo(x.dtype).eps, x.dtype)
 
     def eps(leaf):
@@ -209,9 +209,10 @@ def _rel_steps(
     """Per-coordinate FD steps ``s·max(1, |x_i|)``, ``s = step`` or ``ε_i^power`` (ε of coordinate
     ``i``'s leaf dtype), as actually represented: ``(x + h) − x`` after the round trip through the
     leaves' dtypes (Nocedal & Wright §8.1)."""
-    s = _leaf_eps(params, x) ** power if step is None else jnp.asarray(step, x.dtype)
+    mixed = _mixed(params, x)
+    s = _leaf_eps(params, x, mixed) ** power if step is None else jnp.asarray(step, x.dtype)
     h = s * jnp.maximum(1.0, jnp.abs(x))
-    if _mixed(params, x):
+    if mixed:
         return ravel_pytree(unravel(x + h))[0].astype(x.dtype) - x
     return (x + h) - x
 
@@ -364,7 +365,7 @@ def _check_distribution(distribution: str) -> str:
 def _sampler(strategy: str, distribution: str, x: jax.Array, k: int) -> samplers.Sampler:
     """``samplers.make(distribution, x, num=k)``, with the error for ``k > d`` naming ``num_directions``."""
     d = x.size
-    if distribution in ("orthogonal", "coordinate") and k > d:
+    if distribution in samplers.DISTINCT and k > d:
         raise OptionError(
             f"{strategy}: num_directions = {k} exceeds d = {d}: the {distribution!r} distribution "
             f"draws at most d distinct directions. Use num_directions ≤ {d}, or an iid "
@@ -444,7 +445,11 @@ def two_point(
         x, unravel, f_flat = _flatten("two_point", fn, params)
         sampler = _sampler("two_point", distribution, x, k)
         # one μ for every direction: sized by the least precise leaf's ε
-        s = jnp.max(_leaf_eps(params, x)) ** (1.0 / 3.0) if smoothing is None else smoothing
+        s = (
+            jnp.max(_leaf_eps(params, x, _mixed(params, x))) ** (1.0 / 3.0)
+            if smoothing is None
+            else smoothing
+        )
         mu = jnp.asarray(s, x.dtype) * jnp.maximum(1.0, jnp.max(jnp.abs(x)))
         inv_m = jnp.asarray(1.0 / sampler.second_moment, x.dtype)
 

@@ -180,6 +180,11 @@ rademacher.__doc__ = """Rademacher directions ``v ∈ {±1}^d`` (independent fai
     """
 
 
+# samplers whose ``num ≤ d`` directions are distinct members of one random basis (drawn without
+# replacement): at most ``d`` of them, and a mean over them needs the finite-population correction
+DISTINCT = frozenset({"orthogonal", "coordinate"})
+
+
 def _check_at_most_d(name: str, num: int, d: int) -> None:
     if num > d:
         raise OptionError(
