@@ -174,15 +174,16 @@ def check_same_structure(argument: str, tree: Any, like: Any) -> None:
     import jax
 
     t_leaves, t_def = jax.tree.flatten(tree)
-    l_leaves, l_def = jax.tree.flatten(like)
+    l_paths, l_def = jax.tree_util.tree_flatten_with_path(like)
     if t_def != l_def:
         raise ShapeError(
             f"{argument}: expected a pytree with the structure of the parameters, {l_def}; got {t_def}."
         )
-    for i, (a, b) in enumerate(zip(t_leaves, l_leaves, strict=True)):
+    for a, (path, b) in zip(t_leaves, l_paths, strict=True):
         if jax.numpy.shape(a) != jax.numpy.shape(b):
+            where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
             raise ShapeError(
-                f"{argument}: leaf {i} has shape {jax.numpy.shape(a)}, expected {jax.numpy.shape(b)} "
+                f"{argument}: {where} has shape {jax.numpy.shape(a)}, expected {jax.numpy.shape(b)} "
                 "(the shape of the matching parameter)."
             )
 

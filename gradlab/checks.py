@@ -262,7 +262,17 @@ def _ratio_phrase(alpha: float, label: str, base: str) -> str:
 
 
 def _scale_of(got: np.ndarray, exp: np.ndarray) -> float | None:
-    """α if ``got ≈ α·exp`` (to 1e-3 relative) with α ≠ 1, else None."""
+    """α if ``got ≈ α·exp`` (to 1e-3 relative) with α ≠ 1, else None. Any two numbers are proportional,
+    so for a single entry α is returned only when it is a telling factor (±n or ±1/n, n ≤ 16): a ratio
+    of 2.2 between two numbers is no pattern (the entry listing shows it anyway)."""
+    if exp.size < 2:
+        g, e = float(got.reshape(-1)[0]), float(exp.reshape(-1)[0])
+        if e == 0 or g == 0:
+            return None
+        r = abs(g / e)
+        n = r if r >= 1 else 1 / r
+        telling = round(n) <= 16 and abs(n - round(n)) < 1e-3 * n
+        return g / e if telling and abs(g / e - 1) > 1e-3 else None
     ee = float(np.vdot(exp, exp))
     gn = _norm(got)
     if ee == 0 or gn == 0:
@@ -675,6 +685,32 @@ def _default_rtol(eps: float) -> float:
     return 1e-8 if eps < 1e-10 else max(1e-4, 10 * eps)
 
 
+def _check_rtol(rtol: Any, methods: Sequence[str]) -> dict[str, float]:
+    """The tolerances ``rtol`` sets, by method; raises where it names a method that is not run, or is a
+    single number with no ``reference`` to apply to (both used to be ignored silently)."""
+    out: dict[str, float] = {}
+    if isinstance(rtol, Mapping):
+        for k, v in rtol.items():
+            check_choice("rtol", k, METHODS)
+            if k not in methods:
+                raise OptionError(
+                    f"rtol[{k!r}]: the method {k!r} is not run in this check (it runs "
+                    f"{', '.join(sorted(methods))}); add it to methods= (or pass reference= / "
+                    "complex_step=True), or drop the entry."
+                )
+            out[k] = check_positive(f"rtol[{k!r}]", v)
+    elif rtol is not None:
+        r = check_positive("rtol", rtol)
+        if "reference" not in methods:
+            raise OptionError(
+                f"rtol={rtol!r}: a single tolerance applies to the closed-form reference, but no "
+                "reference= was given. Pass reference=..., or a mapping method → tolerance such as "
+                "rtol={'central_diff': 1e-6} to change another method's tolerance."
+            )
+        out["reference"] = r
+    return out
+
+
 def _tolerances(
     methods: Sequence[str],
     eps: float,
@@ -703,15 +739,7 @@ def _tolerances(
             tol[m] = max(t, _C_AD * eps)
         else:
             tol[m] = _default_rtol(eps)
-    if isinstance(rtol, Mapping):
-        for k, v in rtol.items():
-            check_choice("rtol", k, METHODS)
-            if k in tol:
-                tol[k] = check_positive(f"rtol[{k!r}]", v)
-    elif rtol is not None:
-        r = check_positive("rtol", rtol)
-        if "reference" in tol:
-            tol["reference"] = r
+    tol.update(_check_rtol(rtol, methods))
     return tol
 
 
@@ -759,7 +787,8 @@ def gradient(
       reference: a closed-form gradient to check: a pytree like ``x``, or a callable ``reference(x)``.
       methods: a subset of :data:`METHODS`; default: reverse, forward, both differences, plus the
         complex step if ``complex_step`` and the reference if given. Reverse mode is always run.
-      rtol: the reference's tolerance, or a mapping method → tolerance that overrides the defaults.
+      rtol: the reference's tolerance (needs ``reference``), or a mapping method → tolerance that
+        overrides the defaults of methods this check runs.
       complex_step: also use the complex step (only valid for real-analytic ``f``: no ``abs``,
         ``maximum``, ``real``, norms or SVDs).
       step: the relative step ``δ`` of both difference formulas, or a mapping such as
@@ -772,7 +801,8 @@ def gradient(
       NotScalarError: ``f(x)`` is not a real scalar.
       UnknownNameError: a method that is not in :data:`METHODS`.
       ShapeError: ``reference`` does not have the structure and shapes of ``x``.
-      OptionError: ``complex_step=True`` but ``f`` cannot take complex inputs; a bad step.
+      OptionError: ``complex_step=True`` but ``f`` cannot take complex inputs; a bad step; a number
+        ``rtol`` without ``reference``, or an ``rtol`` entry for a method that is not run.
 
     >>> import jax.numpy as jnp
     >>> f = lambda p: jnp.sum(jnp.exp(p["w"]) * p["b"])
@@ -788,6 +818,7 @@ def gradient(
       Martins, Sturdza & Alonso, ACM TOMS 2003; Griewank & Walther, *Evaluating Derivatives*, 2008.
     """
     setup = _gradient_setup(f, x, reference, methods, complex_step, step)
+    _check_rtol(rtol, setup.chosen)  # before any compilation
     raw = _core(
         _Static(f), setup.x, setup.deltas, None, None, want=setup.want, ref=None, fwd=setup.fwd
     )

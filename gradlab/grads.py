@@ -56,6 +56,7 @@ from gradlab._validate import (
     OptionError,
     ShapeError,
     check_choice,
+    check_key,
     check_options,
     check_positive,
     check_positive_int,
@@ -119,11 +120,7 @@ class Strategy:
     estimate: Callable[[Callable[[Params], Any], Params, Any], GradEstimate]
 
     def __call__(self, fn: Callable[[Params], Any], params: Params, key: Any, /) -> GradEstimate:
-        if key is None:
-            raise OptionError(
-                f"{self.name}: key: expected a jax.random.key, got None. Pass jax.random.key(seed) "
-                "(deterministic strategies ignore it, but it is always required)."
-            )
+        check_key(key, f"grads.{self.name}")  # deterministic strategies ignore it, but it is required
         return self.estimate(fn, params, key)
 
     @property

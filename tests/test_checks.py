@@ -133,6 +133,35 @@ def test_half_gradient_is_rejected_with_the_factor(key):
         check.raise_if_failed()
 
 
+def test_one_entry_gets_a_factor_hint_only_for_a_telling_ratio():
+    # with one entry every pair of numbers is proportional: 'a missing factor 2.2?' would be noise
+    f = lambda x: jnp.sum(x**3)  # noqa: E731
+    x = jnp.array([0.7])
+    odd = checks.gradient(f, x, reference=lambda x: 3 * x**2 / 2.2)
+    assert not odd.ok and "factor" not in odd.message and "ratio 0.4545" in odd.message
+    half = checks.gradient(f, x, reference=lambda x: 1.5 * x**2)
+    assert "a missing factor 2?" in half.message
+    flipped = checks.gradient(f, x, reference=lambda x: -3 * x**2)
+    assert "sign flipped" in flipped.message
+
+
+def test_rtol_that_would_be_ignored_is_an_error(key):
+    x = point(key)
+    with pytest.raises(OptionError, match=r"rtol=1e-06: .*no reference= was given"):
+        checks.gradient(smooth, x, rtol=1e-6)
+    with pytest.raises(
+        OptionError, match=r"rtol\['complex_step'\]: the method 'complex_step' is not run"
+    ):
+        checks.gradient(smooth, x, rtol={"complex_step": 1e-10})
+    with pytest.raises(UnknownNameError, match="rtol"):
+        checks.gradient(smooth, x, rtol={"centrl_diff": 1e-6})
+    # what it is for: a loosened tolerance for a method that runs
+    tight = checks.gradient(smooth, x, rtol={"central_diff": 1e-15})
+    assert tight.tolerances["central_diff"] == 1e-15 and not tight.ok
+    ref = checks.gradient(smooth, x, reference=smooth_grad, rtol=1e-6)
+    assert ref.tolerances["reference"] == 1e-6 and ref.ok
+
+
 def test_sign_flipped_gradient_is_rejected(key):
     check = checks.gradient(smooth, point(key), reference=lambda x: -smooth_grad(x))
     assert not check.ok
@@ -178,7 +207,7 @@ def test_reference_with_the_wrong_structure_says_what_was_expected(key):
     x = layer_point(key)
     with pytest.raises(ShapeError, match="expected a pytree with the structure"):
         checks.gradient(layer, x, reference={"W": x["W"]})
-    with pytest.raises(ShapeError, match=r"leaf 1 has shape \(4,\), expected \(3,\)"):
+    with pytest.raises(ShapeError, match=r"leaf \['b'\] has shape \(4,\), expected \(3,\)"):
         checks.gradient(layer, x, reference={"W": x["W"], "b": jnp.zeros(4)})
 
 

@@ -301,8 +301,10 @@ def test_call_errors():
         grads.two_point()(lambda z: z * 2, x, jax.random.key(0))
     with pytest.raises(NotScalarError, match=r"exact: fn"):
         grads.exact()(lambda z: z * 2, x, jax.random.key(0))
-    with pytest.raises(OptionError, match=r"key: expected a jax.random.key, got None"):
+    with pytest.raises(OptionError, match=r"key: grads.exact needs an explicit PRNG key"):
         grads.exact()(jnp.sum, x, None)
+    with pytest.raises(OptionError, match=r"key: expected a single jax.random.key"):
+        grads.two_point()(jnp.sum, x, 0)
     for name in set(grads.names()) - {"exact"}:  # reverse mode returns the empty gradient
         with pytest.raises(ShapeError, match=r"params: expected at least one entry"):
             grads.make(name)(lambda p: jnp.sum(p["a"]), {"a": jnp.zeros(0)}, jax.random.key(0))

@@ -1,5 +1,7 @@
 """The shared validation helpers: every message names the argument, the expectation and the fix."""
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import pytest
 
@@ -63,12 +65,22 @@ def test_check_scalar_output():
         check_scalar_output("f", [1.0])
 
 
+class Params(NamedTuple):
+    w: jnp.ndarray
+
+
 def test_check_same_structure():
     like = {"a": jnp.zeros(2), "b": jnp.zeros((2, 3))}
     check_same_structure("reference", {"a": jnp.ones(2), "b": jnp.ones((2, 3))}, like)
     with pytest.raises(ShapeError, match="reference: expected a pytree with the structure"):
         check_same_structure("reference", {"a": jnp.ones(2)}, like)
     with pytest.raises(
-        ShapeError, match=r"reference: leaf 1 has shape \(3, 2\), expected \(2, 3\)"
+        ShapeError, match=r"reference: leaf \['b'\] has shape \(3, 2\), expected \(2, 3\)"
     ):
         check_same_structure("reference", {"a": jnp.ones(2), "b": jnp.ones((3, 2))}, like)
+    with pytest.raises(ShapeError, match=r"grad: the array has shape \(3,\), expected \(2,\)"):
+        check_same_structure("grad", jnp.ones(3), jnp.zeros(2))
+    with pytest.raises(ShapeError, match=r"grad: leaf \[1\]\.w has shape"):
+        check_same_structure(
+            "grad", (jnp.ones(2), Params(jnp.ones(3))), (jnp.ones(2), Params(jnp.ones(4)))
+        )
