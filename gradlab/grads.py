@@ -120,7 +120,8 @@ class Strategy:
     estimate: Callable[[Callable[[Params], Any], Params, Any], GradEstimate]
 
     def __call__(self, fn: Callable[[Params], Any], params: Params, key: Any, /) -> GradEstimate:
-        check_key(key, f"grads.{self.name}")  # deterministic strategies ignore it, but it is required
+        # deterministic strategies ignore the key, but it is always required
+        check_key(key, f"grads.{self.name}")
         return self.estimate(fn, params, key)
 
     @property
