@@ -22,6 +22,8 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+from gradlab.lab.runner import cpu_info  # noqa: E402  (after the x64 switch)
+
 
 def environment(**extra: Any) -> dict:
     """The first JSON line of every benchmark: versions, backend, devices, CPU count, x64, load."""
@@ -39,6 +41,7 @@ def environment(**extra: Any) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_info(),
         "loadavg_1_5_15": load,
         **extra,
     }

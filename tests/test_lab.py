@@ -271,10 +271,12 @@ def test_report_files(tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["backend"] == "cpu" and env["devices"]["count"] >= 1 and env["x64"] is True
     assert env["jax"] and env["jaxlib"] and env["python"] and "argv" in env
+    assert env["cpu"]["model"] and isinstance(env["cpu"]["isa"], list)
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert len(figs) == 3 and len(set(figs)) == 3  # steps, evaluations, time
     md = (out / "report.md").read_text()
     assert "theory steps" in md and all(f"figures/{f}" in md for f in figs)
+    assert f"({env['cpu']['model']}" in md  # the CPU kind: bit-for-bit holds on the same kind
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
     assert "http://" not in page and "https://" not in page  # offline

@@ -395,6 +395,14 @@ def _draw_png(fig_block: Figure, dpi: int) -> bytes:
         plt.close(fig)
 
 
+def _cpu_phrase(cpu: Any) -> str:
+    """`` (AMD EPYC; avx2, avx512f)`` from env.json's ``cpu`` (absent in reports made before it)."""
+    if not isinstance(cpu, Mapping) or not cpu.get("model"):
+        return ""
+    isa = [f for f in cpu.get("isa") or [] if f in ("avx2", "avx512f", "asimd", "sve")]
+    return f" ({cpu['model']}" + (f"; {', '.join(isa)}" if isa else "") + ")"
+
+
 def _env_lines(env: Mapping[str, Any]) -> list[str]:
     if not env:
         return ["environment not recorded (env.json missing or unreadable)"]
@@ -405,6 +413,7 @@ def _env_lines(env: Mapping[str, Any]) -> list[str]:
         f"backend {env.get('backend')} · devices {dev.get('count')} × {', '.join(dev.get('kinds', []))} · "
         f"x64 {env.get('x64')} · matmul precision {env.get('matmul_precision')}",
         f"git {env.get('git_commit') or 'n/a'} · host {env.get('platform')} · cpus {env.get('cpu_count')}"
+        + _cpu_phrase(env.get("cpu"))
         + (
             f" · load average {env['load_average'][0]:.1f} at start"
             if env.get("load_average")

@@ -35,7 +35,16 @@ from gradlab.lab.kinds import Resolved
 from gradlab.lab.kinds import get as get_kind
 from gradlab.lab.kinds._common import canonical
 
-__all__ = ["Sweep", "environment", "load_runs", "rerender", "run", "run_id", "source_fingerprint"]
+__all__ = [
+    "Sweep",
+    "cpu_info",
+    "environment",
+    "load_runs",
+    "rerender",
+    "run",
+    "run_id",
+    "source_fingerprint",
+]
 
 LAUNCHERS = ("local", "submitit", "submitit-local")
 FINISHED = ("ok", "diverged")
@@ -105,9 +114,42 @@ def _git_commit() -> str | None:
         return None
 
 
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The host CPU's model and the vector extensions XLA's CPU backend compiles for (from
+    ``/proc/cpuinfo`` on Linux, else :func:`platform.processor`). Recorded because results are
+    bit-for-bit reproducible on the same kind of CPU, not across them: XLA generates code for the
+    host's instruction set, and e.g. its vectorised ``pow``/``exp`` differ in the last bit between
+    AVX2 and AVX-512.
+
+    >>> sorted(cpu_info())
+    ['isa', 'model']
+    """
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if model is None and key in ("model name", "hardware", "cpu model"):
+                    model = value.strip() or None
+                elif not flags and key in ("flags", "features"):
+                    flags = set(value.split())
+                if model is not None and flags:
+                    break
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or platform.machine() or None,
+        "isa": [f for f in _ISA_FLAGS if f in flags],
+    }
+
+
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """What a reader needs to trust or reproduce a report: versions, backend, devices, precision flags,
-    ``XLA_FLAGS``, the git commit and the command line."""
+    ``XLA_FLAGS``, the git commit, the CPU (:func:`cpu_info`) and the command line."""
     import jax
 
     import gradlab
@@ -133,6 +175,7 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_info(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "argv": list(argv) if argv is not None else list(sys.argv),
     }
