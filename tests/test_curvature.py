@@ -637,6 +637,35 @@ def test_diagonal_unbiased_and_dict(method):
     )
 
 
+@pytest.mark.parametrize("method", cv.DIAGONAL_METHODS)
+@pytest.mark.parametrize("m", [10, 11])
+def test_diagonal_std_error_and_count_against_monte_carlo(method, m):
+    """Per entry, the standard error (divided by its t factor) estimates the sampling sd of the
+    estimate; for Hutchinson with Rademacher probes that sd is √(Σ_{l≠j} a_jl²/m) exactly. XDiag uses
+    2⌊m/2⌋ products (an odd budget leaves one unused)."""
+    n = 40
+    lam = np.linspace(0.5, 3.0, n) * np.where(np.arange(n) % 3 == 0, -1.0, 1.0)  # indefinite
+    A = _spd(n, lam, seed=3)
+
+    def one(key):
+        d = cv.diagonal(lambda v: A @ v, key, like=jnp.zeros(n), num_matvecs=m, method=method)
+        return d.value, d.std_error, d.num_matvecs
+
+    v, se, used = jax.lax.map(one, jax.random.split(jax.random.key(0), 2000))
+    k = m if method == "hutchinson" else m // 2
+    assert set(np.asarray(used).tolist()) == {m if method == "hutchinson" else 2 * (m // 2)}
+    rms = jnp.sqrt(jnp.mean((se / cv._t_ratio(jnp.asarray(k - 1.0))) ** 2, axis=0))
+    sd = v.std(axis=0)
+    ratio = rms / sd  # 2000 seeds: each entry's sd is known to ±1.6%
+    assert 0.96 < float(jnp.mean(ratio)) < 1.04 and 0.85 < float(jnp.min(ratio))
+    assert float(jnp.max(ratio)) < 1.15
+    if method == "hutchinson":
+        theory = jnp.sqrt((jnp.sum(A * A, axis=1) - jnp.diag(A) ** 2) / m)
+        assert 0.97 < float(jnp.mean(theory / sd)) < 1.03
+    coverage = float(jnp.mean(jnp.abs(v - jnp.diag(A)[None, :]) <= 1.96 * se))
+    assert 0.93 < coverage < 0.97
+
+
 def test_xdiag_beats_hutchinson_on_low_rank(mats):
     A, _ = mats["inv_k2"]
     errs = {}
@@ -666,6 +695,25 @@ def test_lanczos_matches_eigh(which):
     u = ev.vectors[0]
     np.testing.assert_allclose(A @ u, ev.values[0] * u, atol=1e-6)
     assert ev.residuals[0] < 1e-6
+
+
+def test_lanczos_residuals_and_counts_before_convergence():
+    """Stopped early (12 iterations on n = 120), the Ritz pairs are rough: the reported residuals must
+    be ‖Au − θu‖ of the returned vectors, and the counts the iterations run."""
+    n, q = 120, 12
+    lam = np.linspace(0.1, 3.0, n)
+    A = _spd(n, lam, seed=5)
+    ev = cv.eigenvalues(lambda v: A @ v, jax.random.key(1), like=jnp.zeros(n), k=3, num_iters=q)
+    U = ev.vectors  # (k, n)
+    want = jnp.linalg.norm(U @ A - ev.values[:, None] * U, axis=1)  # A symmetric: rows u·A = (Au)ᵀ
+    assert float(jnp.min(want)) > 1e-4  # not converged: the test can tell residual formulas apart
+    np.testing.assert_allclose(ev.residuals, want, rtol=1e-8)
+    np.testing.assert_allclose(jnp.linalg.norm(U, axis=1), 1.0, atol=1e-12)
+    assert int(ev.num_matvecs) == q
+    sd = cv.spectral_density(
+        lambda v: A @ v, jax.random.key(1), like=jnp.zeros(n), num_probes=4, num_iters=q
+    )
+    assert int(sd.num_matvecs) == 4 * q
 
 
 def test_lanczos_dict_hessian_top_eigenvalues():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import grads, problems
+from gradlab import grads, problems, theory
 from gradlab._tree import relative_error
 from gradlab._validate import NotScalarError, OptionError, ShapeError, UnknownNameError
 
@@ -95,9 +95,18 @@ def _within(sample, expect, sigmas=5.0):
 
 
 SECOND_MOMENTS = [  # (strategy, options, E‖G‖² / ‖∇f‖²)
-    ("two_point", {"distribution": "sphere"}, D),
-    ("two_point", {"distribution": "sphere", "num_directions": 4}, 1 + (D - 1) / 4),
-    ("two_point", {"distribution": "orthogonal", "num_directions": 4}, D / 4),
+    # the sphere rows from gradlab.theory (what the theory step sizes are built on), checked here
+    ("two_point", {"distribution": "sphere"}, theory.second_moment_factor(D)),
+    (
+        "two_point",
+        {"distribution": "sphere", "num_directions": 4},
+        theory.second_moment_factor(D, 4),
+    ),
+    (
+        "two_point",
+        {"distribution": "orthogonal", "num_directions": 4},
+        theory.second_moment_factor(D, 4, "orthogonal"),
+    ),
     ("two_point", {"distribution": "coordinate", "num_directions": 4}, D / 4),
     ("two_point", {"distribution": "gaussian"}, D + 2),
     ("two_point", {"distribution": "rademacher", "num_directions": 2}, 1 + (D - 1) / 2),
@@ -173,6 +182,23 @@ def test_mixed_precision_leaves_get_steps_of_their_own_dtype():
         assert est.grad["a"].dtype == jnp.float32 and est.grad["b"].dtype == jnp.float64
         for leaf in ("a", "b"):
             np.testing.assert_allclose(est.grad[leaf], want[leaf], rtol=rtol, err_msg=strategy.name)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_smoothing_is_the_documented_mu(lean):
+    """On f = Σ x_i³ a central difference along e_i is 3x_i² + μ² exactly, so with all d coordinate
+    directions two_point returns ∇f + μ²·1: the test reads μ off the estimate. μ = s·max(1, ‖x‖∞),
+    s = smoothing or ε^{1/3}."""
+    x = jnp.array([5.0, -1.0, 0.3, 2.0])
+    fn = lambda z: jnp.sum(z**3)  # noqa: E731
+    opts = {"num_directions": 4, "distribution": "coordinate", "lean": lean}
+    est = grads.two_point(**opts, smoothing=1e-2)(fn, x, jax.random.key(0))
+    np.testing.assert_allclose(est.grad - 3 * x**2, (1e-2 * 5.0) ** 2, rtol=1e-6)
+    # the default is s = ε^{1/3} (its μ² is at the round-off level here, so compare the estimates)
+    default = grads.two_point(**opts)(fn, x, jax.random.key(0))
+    s = float(jnp.finfo(jnp.float64).eps) ** (1 / 3)
+    explicit = grads.two_point(**opts, smoothing=s)(fn, x, jax.random.key(0))
+    np.testing.assert_array_equal(default.grad, explicit.grad)
 
 
 def test_orthogonal_and_coordinate_full_rank_are_exact():
