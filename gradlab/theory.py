@@ -45,7 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from gradlab._validate import OptionError, check_choice, check_positive, check_positive_int
+from gradlab._validate import (
+    OptionError,
+    ShapeError,
+    check_choice,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = [
     "gaussian_smoothing_step",
@@ -177,7 +183,7 @@ def quadratic_exact_step(g: Any, hg: Any) -> float:
     g = np.ravel(np.asarray(g, dtype=float))
     hg = np.ravel(np.asarray(hg, dtype=float))
     if g.shape != hg.shape:
-        raise OptionError(
+        raise ShapeError(
             f"hg: expected the shape of g, {g.shape}, got {hg.shape}. Pass hg = H @ g."
         )
     curv = float(g @ hg)
@@ -218,7 +224,10 @@ def second_moment_factor(d: int, num_directions: int = 1, sampling: str = "iid")
     check_choice("sampling", sampling, _SAMPLINGS)
     if sampling == "orthogonal":
         if k > d:
-            raise OptionError(f"num_directions: at most d = {d} orthonormal directions, got {k}.")
+            raise OptionError(
+                f"num_directions: at most d = {d} orthonormal directions exist in ℝᵈ, got {k}. "
+                "Pass num_directions ≤ d."
+            )
         return d / k
     return 1.0 + (d - 1) / k
 

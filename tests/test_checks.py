@@ -145,6 +145,16 @@ def test_one_entry_gets_a_factor_hint_only_for_a_telling_ratio():
     assert "sign flipped" in flipped.message
 
 
+def test_bad_steps_name_the_argument():
+    x = jnp.ones(3)
+    with pytest.raises(OptionError, match=r"step: expected a positive finite number, got 0\.0"):
+        checks.gradient(jnp.sum, x, step=0.0)
+    with pytest.raises(UnknownNameError, match=r"step: unknown name 'centrl_diff'.*Did you mean"):
+        checks.gradient(jnp.sum, x, step={"centrl_diff": 1e-6})
+    with pytest.raises(OptionError, match=r"step\['central_diff'\]: expected a positive"):
+        checks.gradient(jnp.sum, x, step={"central_diff": -1e-6})
+
+
 def test_rtol_that_would_be_ignored_is_an_error(key):
     x = point(key)
     with pytest.raises(OptionError, match=r"rtol=1e-06: .*no reference= was given"):

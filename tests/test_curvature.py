@@ -503,6 +503,52 @@ def test_skewness_corrected_critical_value():
     np.testing.assert_allclose([m2, m3, m4], [np.mean((x - x.mean()) ** p) for p in (2, 3, 4)])
 
 
+SPECTRAL_ERRORS = [  # (call on A = I₅, error, message): what the docstrings promise
+    (
+        lambda mv, k, like: cv.trace(mv, k, like=like, num_matvecs=3, rtol=0.0),
+        OptionError,
+        "rtol: expected a positive",
+    ),
+    (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=6),
+        OptionError,
+        r"k: at most n = 5 eigenvalues",
+    ),
+    (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=3, num_iters=2),
+        OptionError,
+        "num_iters: expected an integer ≥ 3",
+    ),
+    (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=2, which="biggest"),
+        UnknownNameError,
+        "which: unknown name 'biggest'",
+    ),
+    (
+        lambda mv, k, like: cv.spectral_density(mv, k, like=like, num_points=1),
+        OptionError,
+        "num_points: expected an integer ≥ 2",
+    ),
+    (
+        lambda mv, k, like: cv.spectral_density(mv, k, like=like, sigma=0.0),
+        OptionError,
+        "sigma: expected a positive",
+    ),
+    (
+        lambda mv, k, like: cv.spectral_density(mv, k, like=like, num_probes=0),
+        OptionError,
+        "num_probes: expected an integer ≥ 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), SPECTRAL_ERRORS)
+def test_estimator_option_errors_name_the_argument(call, error, match):
+    A = jnp.eye(5)
+    with pytest.raises(error, match=match):
+        call(lambda v: A @ v, jax.random.key(0), jnp.zeros(5))
+
+
 @pytest.mark.parametrize("sampler", ["rademacher", "gaussian", "sphere"])
 def test_structural_standard_error_is_unbiased(sampler):
     """E[std_error²] = Var(estimate): 2(‖A‖_F² − Σa_ii²)/m (Rademacher), 2‖A‖_F²/m (Gaussian),

@@ -265,6 +265,67 @@ def test_lbfgs_counts_linesearch_evaluations():
     assert h.steps_to_tol is not None and h.steps_to_tol < 30
 
 
+def _hand_linesearch_counts(fn, x, opt, num_steps, zoom):
+    """Cumulative (function evaluations, gradients) of an exact-gradient optax loop run by hand: one
+    gradient per step for the estimate, plus the line search's own count read from its state."""
+    state, fe, gr = opt.init(x), [0], [0]
+    for _ in range(num_steps):
+        v, g = jax.value_and_grad(fn)(x)
+        u, state = opt.update(g, state, x, value=v, grad=g, value_fn=fn)
+        x = optax.apply_updates(x, u)
+        n = int(optax.tree_utils.tree_get(state, "num_linesearch_steps"))
+        fe.append(fe[-1] + n)
+        gr.append(gr[-1] + 1 + (n if zoom else 0))
+    return np.asarray(fe), np.asarray(gr)
+
+
+@pytest.mark.parametrize("kind", ["zoom", "backtracking"])
+def test_linesearch_counts_equal_a_hand_loop(kind):
+    """Every evaluation a line search makes is counted, exactly: zoom (optax.lbfgs) one value and one
+    gradient per line-search step, backtracking one value."""
+    p = lsq(3)
+    if kind == "zoom":
+        opt = optax.lbfgs()
+    else:  # a unit step overshoots here (fe[-1] > 0 below), so backtracking has work to do
+        opt = optax.chain(
+            optax.sgd(1.0), optax.scale_by_backtracking_linesearch(max_backtracking_steps=30)
+        )
+    h = descent.run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=25)
+    fe, gr = _hand_linesearch_counts(p.loss, p.init, opt, h.steps_run, kind == "zoom")
+    assert fe[-1] > 0  # the line search did evaluate
+    np.testing.assert_array_equal(h.num_fun_evals, fe)
+    np.testing.assert_array_equal(h.num_grads, gr)
+
+
+def test_a_start_point_that_already_stops():
+    """Step 0 itself can end the run: within tol at the optimum (steps_to_tol = 0, not diverged), or a
+    non-finite loss at x₀ (diverged at step 0); the History then holds x₀ alone."""
+    p = lsq(4)
+    at_opt = descent.run(
+        p.loss,
+        p.solution,
+        local_exact,
+        optax.sgd(0.1),
+        key=jax.random.key(0),
+        num_steps=50,
+        tol=1e-6,
+    )
+    assert at_opt.steps_to_tol == 0 and not at_opt.diverged and at_opt.diverged_step is None
+    assert (
+        at_opt.steps_run == 0 and at_opt.loss.shape == (1,) and at_opt.num_fun_evals.tolist() == [0]
+    )
+    nan_at_start = descent.run(
+        lambda x: jnp.sum(x**2) / jnp.sum(x),  # 0/0 at x = 0
+        jnp.zeros(3),
+        local_exact,
+        optax.sgd(0.1),
+        key=jax.random.key(0),
+        num_steps=50,
+    )
+    assert nan_at_start.diverged and nan_at_start.diverged_step == 0
+    assert nan_at_start.steps_to_tol is None and nan_at_start.steps_run == 0
+
+
 def test_dict_params_mlp_runs():
     p = problems.make("mlp", jax.random.key(0), in_dim=2, hidden=4, out_dim=1, num_samples=20)
     h = descent.run(

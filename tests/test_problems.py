@@ -131,3 +131,45 @@ def test_factories_take_options_keyword_only(name):
     params = list(inspect.signature(problems._REGISTRY[name]).parameters.values())
     assert params[0].kind is inspect.Parameter.POSITIONAL_ONLY
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
+
+
+# Where the Hessian attains the constants, they must be attained: an L twice too large halves every
+# theory step (1/L) silently, and an upper-bound test alone cannot see it.
+TIGHT = [  # (problem, options, the point where the extreme curvature is attained)
+    ("quadratic", {}, "init"),  # constant Hessian: L = λ_max, μ = λ_min everywhere
+    ("least_squares", {}, "init"),
+    ("least_squares", {"dim": 7, "num_samples": 30}, "init"),
+    (
+        "logistic_regression",
+        {},
+        "zero",
+    ),  # σ'(0) = 1/4 is the largest: L = σ_max(X)²/(4n) + l2 at w = 0
+    ("toy_graph", {}, "init"),
+]
+
+
+@pytest.mark.parametrize(("name", "opts", "where"), TIGHT, ids=lambda v: str(v))
+def test_smoothness_is_attained(name, opts, where):
+    p = problems.make(name, jax.random.key(3), **opts)
+    flat, unravel = ravel_pytree(p.init)
+    x = flat if where == "init" else jnp.zeros_like(flat)
+    eig = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda z: p.loss(unravel(z)))(x)))
+    assert np.max(np.abs(eig)) == pytest.approx(p.smoothness, rel=1e-10)
+    if p.strong_convexity is not None and name != "logistic_regression":  # there μ = l2 is a bound
+        assert eig[0] == pytest.approx(p.strong_convexity, rel=1e-10)
+
+
+def test_register_refuses_a_taken_or_empty_name():
+    with pytest.raises(
+        OptionError, match=r"name: a problem 'quadratic' is already registered \(gradlab"
+    ):
+
+        @problems.register("quadratic")
+        def another(key, /):  # pragma: no cover - never registered
+            raise AssertionError
+
+    assert (
+        problems.make("quadratic", jax.random.key(0)).name == "quadratic"
+    )  # the catalog's is kept
+    with pytest.raises(OptionError, match="name: expected a non-empty string"):
+        problems.register("")

@@ -2,11 +2,12 @@
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gradlab import theory
-from gradlab._validate import GradlabError, OptionError
+from gradlab._validate import OptionError, ShapeError, UnknownNameError
 
 
 def test_step_formulas():
@@ -87,17 +88,37 @@ def test_steps_to_tol_edge_cases():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "error", "match"),
     [
-        lambda: theory.gd_step(0.0),
-        lambda: theory.zo_sphere_step(1.0, 0),
-        lambda: theory.zo_orthogonal_step(1.0, 3, 4),
-        lambda: theory.gd_rate(3, L=1.0, mu=2.0),
-        lambda: theory.zo_rate(3, L=1.0, mu=0.5, d=3, sampling="gauss"),
-        lambda: theory.steps_to_tol(lambda k: 1.0, 0.0),
-        lambda: theory.gd_rate(-1, L=1.0, mu=0.5),
+        (lambda: theory.gd_step(0.0), OptionError, r"L: expected a positive finite number"),
+        (lambda: theory.zo_sphere_step(1.0, 0), OptionError, r"d: expected an integer ≥ 1"),
+        (
+            lambda: theory.zo_orthogonal_step(1.0, 3, 4),
+            OptionError,
+            r"k: at most d = 3 .*Pass k ≤ d",
+        ),
+        (lambda: theory.gd_rate(3, L=1.0, mu=2.0), OptionError, r"mu: expected 0 < mu ≤ L = 1.0"),
+        (lambda: theory.gd_rate(3, L=1.0, mu=0.0), OptionError, r"mu: expected a positive"),
+        (
+            lambda: theory.zo_rate(3, L=1.0, mu=0.5, d=3, sampling="gauss"),
+            UnknownNameError,
+            r"sampling: unknown name 'gauss'; expected one of \['iid', 'orthogonal'\]",
+        ),
+        (lambda: theory.steps_to_tol(lambda k: 1.0, 0.0), OptionError, r"tol: expected a positive"),
+        (lambda: theory.steps_to_tol(3.0, 0.1), OptionError, r"rate_fn: expected a callable"),
+        (lambda: theory.gd_rate(-1, L=1.0, mu=0.5), OptionError, r"k: expected step counts ≥ 0"),
+        (
+            lambda: theory.second_moment_factor(3, 4, "orthogonal"),
+            OptionError,
+            r"num_directions: at most d = 3 .*Pass num_directions ≤ d",
+        ),
+        (
+            lambda: theory.quadratic_exact_step(jnp.ones(3), jnp.ones(4)),
+            ShapeError,
+            r"hg: expected the shape of g, \(3,\), got \(4,\)",
+        ),
     ],
 )
-def test_errors(call):
-    with pytest.raises(GradlabError):
+def test_errors(call, error, match):
+    with pytest.raises(error, match=match):
         call()

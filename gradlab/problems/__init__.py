@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gradlab._validate import (
+    OptionError,
     check_choice,
     check_key,
     check_options,
@@ -123,13 +124,26 @@ def register(name: str) -> Callable[[Factory], Factory]:
     >>> "zz_scaled_square" in names()
     False
 
+    Raises:
+      OptionError: ``name`` is not a non-empty string, or is already registered (checked when the
+        decorator is applied).
+
     Reference: PEP 318 (decorators) and PEP 3102 (keyword-only arguments, here the options); each
     problem cites its own sources in its docstring and in ``Problem.reference``.
     """
 
+    if not isinstance(name, str) or not name.strip():
+        raise OptionError(
+            f"name: expected a non-empty string (the name configs and problems.make use), got {name!r}."
+        )
+
     def deco(factory: Factory) -> Factory:
         if name in _REGISTRY:
-            raise ValueError(f"problem {name!r} is registered twice")
+            raise OptionError(
+                f"name: a problem {name!r} is already registered ({_REGISTRY[name].__module__}."
+                f"{_REGISTRY[name].__qualname__}); register yours under another name "
+                f"(problems.names() lists the taken ones)."
+            )
         _REGISTRY[name] = factory
         return factory
 
