@@ -391,7 +391,7 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         """Steps ``t = start, ..., end − 1`` (at most ``capacity``), ending early at a stop.
 
         Step ``t`` applies the pending estimate at ``x_t``, then estimates at ``x_{t+1}``. Every
-        ``monitor_every`` steps (and at ``end``) it records ``f(x_{t+1})`` (and the cumulative costs) at
+        ``monitor_every`` steps (and at ``end``) it records ``f(x_{t+1})`` (and the costs since the previous record) at
         record slot ``ceil((t + 1 − start)/monitor_every) − 1`` and tests the stop. Returns the carry, the
         buffers and the number of steps taken. ``start`` is a multiple of ``monitor_every``.
         """
@@ -430,6 +430,8 @@ def _build(fn, strategy, optimizer, cfg: _Config):
                 rec_l.append(loss)
                 rec_g.append(gnorm)
                 rec_c.append(new[2])
+                if new[2] is not None:  # records hold increments (see step_body)
+                    new = (new[0], new[1], jnp.zeros_like(new[2]), new[3])
             losses = jnp.stack(rec_l)
             gnorms = None if rec_g[0] is None else jnp.stack(rec_g)
             cums = None if rec_c[0] is None else jnp.stack(rec_c)
@@ -458,6 +460,15 @@ def _build(fn, strategy, optimizer, cfg: _Config):
                 None if gnorm is None else gnorm[None],
                 None if state[2] is None else state[2][None],
             )
+            if state[2] is not None:
+                # A record holds the cost since the previous record, not the running total: without
+                # x64 the counts are int32 and a total (a million JVPs a step) would wrap; the
+                # driver sums the increments in int64.
+                state = (
+                    *state[:2],
+                    jnp.where(at_record, jnp.zeros_like(state[2]), state[2]),
+                    state[3],
+                )
             return t, state, bufs, stop
 
         t = start
@@ -487,9 +498,18 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         gnorm0 = gnorm0.astype(dtype)
         tol, f_star = tol.astype(dtype), f_star.astype(dtype)
         stop0 = stops(loss0, gnorm0, tol, loss0, f_star)
+        resolvable = jnp.ones((), bool)
+        if cfg.criterion == "relative_gap":
+            # The gap the tolerance asks for must exceed the rounding of a loss near f*: below it
+            # the loss rounds onto (or under) f* and the test passes by rounding alone (float32: a
+            # tol of 1e-12 "reached" at a true gap of 3e-7). Where it does not, no step is run and
+            # the driver raises, naming the smallest tolerance that can be resolved.
+            floor = _GAP_ROUNDING * jnp.finfo(dtype).eps * jnp.abs(f_star)
+            resolvable = stop0 | (tol * (loss0 - f_star) >= floor)
+            end = jnp.where(resolvable, end, jnp.zeros_like(end))
         carry = (params, opt_state, jnp.zeros((3,), count_dtype), pending, stop0)
         carry, bufs, n = segment(carry, key, jnp.zeros((), count_dtype), end, tol, loss0, f_star)
-        return loss0, gnorm0, carry, bufs, n
+        return loss0, gnorm0, carry, bufs, n, resolvable
 
     return first, segment, info
 
@@ -554,6 +574,20 @@ def clear_cache() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The driver
+
+
+_GAP_ROUNDING = 2.0  # a relative gap is resolvable down to this many ε·|f*| / (f(x₀) − f*)
+
+
+def _raise_unresolvable(tol: float, f_star: float, f0: float, dtype: Any) -> None:
+    eps = float(np.finfo(dtype).eps)
+    smallest = _GAP_ROUNDING * eps * abs(f_star) / (f0 - f_star)
+    raise OptionError(
+        f"tol={tol:g}: in {np.dtype(dtype).name} the relative gap (f(x) − f*)/(f(x₀) − f*) cannot be "
+        f"resolved below about {smallest:.2g} here (f* = {f_star:.6g}, f(x₀) = {f0:.6g}, ε = {eps:.2g}): "
+        "a loss that close to f* rounds onto it, so the test would pass by rounding. Use tol ≥ "
+        f"{smallest:.2g}, or float64 parameters (jax_enable_x64)."
+    )
 
 
 def _check_stop_args(num_steps, tol, f_star):
@@ -636,7 +670,9 @@ def run(
 
     Raises:
       NotScalarError: ``fn`` does not return a real scalar (checked with ``jax.eval_shape`` before compiling).
-      OptionError: a missing/invalid ``key``, ``num_steps < 1``, ``tol ≤ 0``, a non-callable strategy ...
+      OptionError: a missing/invalid ``key``, ``num_steps < 1``, ``tol ≤ 0``, a non-callable strategy ...;
+        a relative-gap ``tol`` below what the loss's dtype resolves, ``2ε|f*|/(f(x₀) − f*)`` (checked
+        once ``f(x₀)`` is known, before any step: in float32 the loss would round onto ``f*`` first).
       ShapeError: the strategy's gradient does not have the structure of ``params``.
 
     Compile-once: the executables are cached per (``fn``, ``strategy``, ``optimizer``) object, parameter
@@ -681,9 +717,11 @@ def run(
 
     t0 = time.perf_counter()
     end = min(chunk_size, num_steps)
-    loss0, gnorm0, carry, bufs, n = exe.first(
+    loss0, gnorm0, carry, bufs, n, resolvable = exe.first(
         params, key, np.asarray(end, count_dtype), tol_arr, fstar_arr
     )
+    if not bool(resolvable):
+        _raise_unresolvable(tol, f_star, float(loss0), real)
     start = 0
     while True:
         (f0, g0, (loss, gnorm, cum), n, stopped) = jax.device_get(
@@ -705,8 +743,9 @@ def run(
         losses.append(loss[:rec])
         if record:
             gnorms.append(gnorm[:rec])
-        if static_cost is None:
-            counts.append(cum[:rec].astype(np.int64))
+        if static_cost is None:  # the records are increments since the previous record
+            running = counts[-1][-1] + np.cumsum(cum[:rec].astype(np.int64), axis=0)
+            counts.append(running)
         else:  # a constant cost per step: the cumulative counts are rebuilt here
             counts.append(at[:, None] * static_cost[None, :])
         steps_run = start + n
@@ -861,7 +900,8 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
             loss = f_n if cfg.check_decrease else f(x_n).astype(dt)  # monitoring: not counted
             gnorm = jnp.linalg.norm(g_n).astype(dt)
             k = c["k"] + 1
-            evals_total = c["evals"] + evals + extra
+            step_evals = jnp.asarray(evals + extra, count_dtype)
+            evals_total = c["evals"] + step_evals
             i = k - 1
             return {
                 "x": x_n,
@@ -875,7 +915,8 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
                 "stop": stop_test(loss, gnorm),
                 "loss": c["loss"].at[i].set(loss),
                 "gnorm": c["gnorm"].at[i].set(gnorm),
-                "counts": c["counts"].at[i].set(evals_total),
+                # per step, not cumulative: the host sums in int64 (int32 without x64 would wrap)
+                "counts": c["counts"].at[i].set(step_evals),
             }
 
         gnorm0 = jnp.linalg.norm(g0).astype(dt)
@@ -893,8 +934,14 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
             "gnorm": jnp.zeros((cap,), dt),
             "counts": jnp.zeros((cap,), count_dtype),
         }
+        if cfg.criterion == "relative_gap":  # as in run(): no step when tol is below the rounding
+            floor = _GAP_ROUNDING * jnp.finfo(dt).eps * jnp.abs(f_star)
+            resolvable = init["stop"] | (tol * (f0 - f_star) >= floor)
+            init["stop"] = init["stop"] | ~resolvable
+        else:
+            resolvable = jnp.ones((), bool)
         out = lax.while_loop(cond, body, init)
-        return out["x"], f0, gnorm0, out["loss"], out["gnorm"], out["counts"], out["k"]
+        return out["x"], f0, gnorm0, out["loss"], out["gnorm"], out["counts"], out["k"], resolvable
 
     return run_fd_cg
 
@@ -947,7 +994,8 @@ def fd_cg(
       fn: the loss, ``fn(params) -> real scalar``.
       params: the starting point, any pytree of float arrays.
       num_steps: the maximum number of iterations, an integer ≥ 1.
-      tol: the stopping tolerance (> 0), or ``None``.
+      tol: the stopping tolerance (> 0), or ``None``. With ``f_star``, a tolerance below what the
+        dtype resolves is an ``OptionError``, as in :func:`run`.
       f_star: the optimal value (the relative-gap criterion), or ``None``.
       step: the relative FD step ``s`` (> 0), default ``√ε`` of the params dtype.
       restart_every: restart the conjugate direction every this many iterations (integer ≥ 1; default ``d``).
@@ -1012,12 +1060,14 @@ def fd_cg(
         np.asarray(np.inf if tol is None else tol, dtype),
         np.asarray(np.nan if f_star is None else f_star, dtype),
     )
-    x, f0, gnorm0, loss, gnorm, counts, n = jax.block_until_ready(res)
+    x, f0, gnorm0, loss, gnorm, counts, n, resolvable = jax.block_until_ready(res)
     run_time = time.perf_counter() - t0
+    if not bool(resolvable):
+        _raise_unresolvable(tol, f_star, float(f0), np.dtype(dtype))
     n = int(n)
     loss = np.concatenate([[float(f0)], np.asarray(loss[:n], np.float64)])
     gnorm = np.concatenate([[float(gnorm0)], np.asarray(gnorm[:n], np.float64)])
-    evals = np.concatenate([[0], np.asarray(counts[:n], np.int64)])
+    evals = np.concatenate([[0], x0.size + 1 + np.cumsum(np.asarray(counts[:n], np.int64))])
     zeros = np.zeros_like(evals)
 
     steps_to_tol = diverged_step = None

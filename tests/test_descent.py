@@ -1,5 +1,9 @@
 """The descent engine: GD against the theory and ANCHORS, compile-once, stopping, costs, errors."""
 
+import os
+import subprocess
+import sys
+import textwrap
 from typing import NamedTuple
 
 import jax
@@ -324,6 +328,58 @@ def test_a_start_point_that_already_stops():
     )
     assert nan_at_start.diverged and nan_at_start.diverged_step == 0
     assert nan_at_start.steps_to_tol is None and nan_at_start.steps_run == 0
+
+
+def test_a_tolerance_below_the_float32_rounding_is_an_error():
+    """In float32, a relative gap far below ε·|f*|/(f(x₀) − f*) cannot be seen: the loss rounds onto
+    f* first and the test would pass by rounding (tol = 1e-12 'reached' at a true gap of 3e-7)."""
+    p = problems.make("quadratic", jax.random.key(0), dtype="float32")
+    common = {"key": jax.random.key(1), "num_steps": 2000, "f_star": p.min_value}
+    opt = optax.sgd(theory.gd_step(p.smoothness))
+    ok = descent.run(p.loss, p.init, local_exact, opt, tol=1e-6, **common)
+    assert ok.steps_to_tol is not None and ok.relative_gap[ok.steps_to_tol] > 0
+    match = r"tol=1e-12: in float32 the relative gap .* cannot be resolved below about 4.7e-07"
+    with pytest.raises(OptionError, match=match):
+        descent.run(p.loss, p.init, local_exact, opt, tol=1e-12, **common)
+    with pytest.raises(OptionError, match=match):
+        descent.fd_cg(p.loss, p.init, tol=1e-12, f_star=p.min_value, num_steps=50)
+    # float64: the same problem resolves 1e-12
+    p64 = problems.make("quadratic", jax.random.key(0))
+    h = descent.run(p64.loss, p64.init, local_exact, opt, tol=1e-12, **common)
+    assert h.steps_to_tol is not None
+
+
+def test_costs_do_not_wrap_in_int32_without_x64():
+    """Without x64 the device counts are int32: a cost that varies per step (a line search) is
+    recorded per record and summed on the host in int64, so 10⁹ JVPs a step add up past 2³¹."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, optax
+        from gradlab import descent, grads
+        assert not jax.config.jax_enable_x64
+        class Big:
+            name = "big"
+            def __call__(self, fn, p, k):
+                return grads.forward_mode()(fn, p, k)._replace(num_jvps=jnp.int32(10**9))
+        f = lambda x: jnp.sum((x - 1.0) ** 2)
+        for kw in ({}, {"monitor_every": 2, "chunk_size": 4}):
+            h = descent.run(f, jnp.zeros(3), Big(), optax.lbfgs(), key=jax.random.key(0),
+                            num_steps=9, **kw)
+            assert h.num_jvps.dtype.name == "int64", h.num_jvps.dtype
+            assert (h.num_jvps == h.steps * 10**9).all(), (h.steps, h.num_jvps)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_dict_params_mlp_runs():
