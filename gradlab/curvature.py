@@ -317,11 +317,20 @@ def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
             f"{out_def} and leaf shapes {out_shapes}. Pass like= with the operator's input structure, "
             "or wrap the operator so it returns a pytree like its input."
         )
-    dtype = flat.dtype
+    # Half-precision operators (bfloat16/float16 parameters) are estimated in float32: the probes
+    # are rounded to the parameters' dtype on the way in, the products promoted on the way out, and
+    # the linear algebra (QR, eigh: LAPACK has no half-precision kernels) runs in float32. The
+    # symmetry test allows the rounding of the least precise leaf, in or out (a bfloat16 bias next
+    # to float32 weights makes ΩᵀAΩ asymmetric by ~1e-3 through rounding alone).
+    leaf_dtypes = [jnp.result_type(t) for t in (*jax.tree.leaves(like), *jax.tree.leaves(out))]
+    eps_op = max(float(jnp.finfo(d).eps) for d in leaf_dtypes if jnp.issubdtype(d, jnp.floating))
+    in_dtype = flat.dtype
+    dtype = jnp.promote_types(in_dtype, jnp.float32)
 
     def mv(v):
-        return ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
+        return ravel_pytree(matvec(unravel(v.astype(in_dtype))))[0].astype(dtype)
 
+    mv.sym_rtol = max(_SYM_RTOL, 10.0 * eps_op)
     return mv, int(flat.size), dtype
 
 
@@ -716,6 +725,12 @@ def _loo_factor(R):
     return Rinv_T / jnp.linalg.norm(Rinv_T, axis=0, keepdims=True)
 
 
+def _sym_rtol(mv: Callable) -> float:
+    """The relative asymmetry of ``ΩᵀAΩ`` above which ``mv`` is "not symmetric" (set by
+    :func:`_flat_operator` from its dtypes; ``_SYM_RTOL`` for other callables)."""
+    return getattr(mv, "sym_rtol", _SYM_RTOL)
+
+
 def _asymmetry(G):
     """``‖G − Gᵀ‖_F / ‖G‖_F`` for ``G = ΩᵀAΩ``."""
     return jnp.linalg.norm(G - G.T) / jnp.maximum(jnp.linalg.norm(G), jnp.finfo(G.dtype).tiny)
@@ -905,7 +920,7 @@ def _xtrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, start
 
     def done(carry, prev):
         _, est, asym = carry
-        return _settled(est, prev, rtol) | (asym > _SYM_RTOL)
+        return _settled(est, prev, rtol) | (asym > _sym_rtol(mv))
 
     _, est, asym = _grow(sizes, init, extend, done)
     return est, asym, None
@@ -949,7 +964,7 @@ def _xnystrace_rtol(mv, key, sampler, m, *, batch_size, mesh, n, rtol, first, st
 
     def done(carry, prev):
         _, est, asym, not_psd = carry
-        return _settled(est, prev, rtol) | (asym > _SYM_RTOL) | not_psd
+        return _settled(est, prev, rtol) | (asym > _sym_rtol(mv)) | not_psd
 
     _, est, asym, not_psd = _grow(sizes, init, extend, done)
     return est, asym, not_psd
@@ -1082,14 +1097,14 @@ def _nystrom_not_psd(core):
 
 
 @_jit
-def _auto_decide(G0, YtY0, OtO0, Y0, *, n, psd):
+def _auto_decide(G0, YtY0, OtO0, Y0, sym_rtol, *, n, psd):
     """``(use_x, use_nys)``: a sketch rather than Hutchinson, and XNysTrace rather than XTrace, from
     a first block ``Y₀ = AΩ₀`` (``G₀ = Ω₀ᵀY₀``, ``YtY₀``, ``OtO₀`` its Gram matrices); see :func:`_auto`."""
     k0 = G0.shape[0]
     h = jnp.diagonal(G0)
     var_h = jnp.var(h, ddof=1)
     core0 = _nystrom_core(G0, YtY0)
-    looks_psd = (_asymmetry(G0) < _SYM_RTOL) & ~_nystrom_not_psd(core0)
+    looks_psd = (_asymmetry(G0) < sym_rtol) & ~_nystrom_not_psd(core0)
 
     def var_nys():  # the sample variance of the first block's leave-one-out XNysTrace terms
         return jnp.var(_nystrom_terms(core0, OtO0, n)[0], ddof=1)
@@ -1119,7 +1134,7 @@ def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
     Om0 = _probes(sampler, key, 0, s0)
     Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
     G0, YtY0, OtO0 = _grams(Om0, Y0)
-    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, n=n, psd=psd)
+    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, _sym_rtol(mv), n=n, psd=psd)
     false = jnp.zeros((), bool)
     common = {"batch_size": batch_size, "mesh": mesh, "n": n, "rtol": rtol, "first": s0}
 
@@ -1146,7 +1161,7 @@ def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
 
     def nys_branch():
         est, asym, not_psd = _xnystrace_rtol(mv, key, sampler, m, start=(Om0, Y0), **common)
-        return est, not_psd | (asym > _SYM_RTOL)
+        return est, not_psd | (asym > _sym_rtol(mv))
 
     def xtrace_branch():
         est, _, _ = _xtrace_rtol(mv, key, sampler, m, start=(Om0, Y0), **common)
@@ -1189,7 +1204,7 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     Om0 = _probes(sampler, key, 0, k0)  # rows: (k0, n)
     Y0 = _apply(mv, Om0, batch_size=batch_size, mesh=mesh)
     G0, YtY0, OtO0 = _grams(Om0, Y0)
-    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, n=n, psd=psd)
+    use_x, use_nys = _auto_decide(G0, YtY0, OtO0, Y0, _sym_rtol(mv), n=n, psd=psd)
     false = jnp.zeros((), bool)
 
     def rest_probes():
@@ -1218,7 +1233,7 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
         O01 = Om0 @ Om1.T
         OtO = jnp.block([[OtO0, O01], [O01.T, Om1 @ Om1.T]])
         est, asym, not_psd = _xnystrace_finish(Hm, YtY, OtO, n)
-        return est, not_psd | (asym > _SYM_RTOL)
+        return est, not_psd | (asym > _sym_rtol(mv))
 
     def xtrace_branch():
         Q0, R0 = _orth(Y0.T)
@@ -1341,7 +1356,11 @@ def trace(
     Args:
       matvec: ``v -> A v`` on pytrees like ``like`` (e.g. :func:`hvp_operator`), JAX-traceable.
       key: a ``jax.random.key``.
-      like: a pytree fixing the structure, size ``n`` and dtype of the probes.
+      like: a pytree fixing the structure, size ``n`` and dtype of the probes. Half-precision
+        (bfloat16/float16) leaves are estimated in float32 (probes rounded to the leaves' dtype on
+        the way in, products promoted on the way out; LAPACK has no half-precision QR/eigh), so the
+        estimate and its error bar are float32; the same holds for :func:`diagonal`,
+        :func:`eigenvalues` and :func:`spectral_density`.
       num_matvecs: the budget ``m`` (at least 2 for Hutchinson, 4 for Hutch++ and XTrace, 8 for auto).
       method: one of :data:`TRACE_METHODS`.
       sampler: one of :data:`SAMPLERS`; default Rademacher for Hutchinson/Hutch++, sphere otherwise.
@@ -1438,7 +1457,7 @@ def trace(
     else:
         fn = _xtrace_rtol if method == "xtrace" else _xnystrace_rtol
         est, asym, not_psd = fn(mv, key, samp, m, n=n, rtol=rtol, first=first, **common)
-    bad = asym > _SYM_RTOL
+    bad = asym > _sym_rtol(mv)
     _raise_if_concrete(
         bad,
         lambda: (
@@ -1543,7 +1562,14 @@ def diagonal(
     _check_mesh(mesh)
     check_key(key, "diagonal")
     mv, n, dtype = _flat_operator(matvec, like)
-    unravel = ravel_pytree(like)[1]
+    # leaves like `like`, in their dtypes promoted to at least float32 (half precision is estimated
+    # in float32, see _flat_operator; unravelling into bfloat16 leaves would round the estimate)
+    unravel = ravel_pytree(
+        jax.tree.map(
+            lambda t: jnp.zeros(jnp.shape(t), jnp.promote_types(jnp.result_type(t), jnp.float32)),
+            like,
+        )
+    )[1]
     if m >= n:
         cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
         d = jnp.diagonal(cols)

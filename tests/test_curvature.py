@@ -874,3 +874,37 @@ def test_sharded_equals_unsharded():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_parameters_are_estimated_in_float32(half):
+    """LAPACK has no half-precision QR/eigh: with bfloat16/float16 parameters (alone, or next to
+    float32 ones) every estimator runs in float32, and the symmetry test allows the half-precision
+    rounding (a bfloat16 bias used to make XTrace call the Hessian asymmetric)."""
+    n_w, n_b = 20, 10
+    A = _spd(n_w + n_b, np.linspace(1.0, 3.0, n_w + n_b), seed=4)
+
+    def f(p):
+        z = jnp.concatenate([p["w"].astype(jnp.float32), p["b"].astype(jnp.float32)])
+        return 0.5 * z @ A.astype(jnp.float32) @ z
+
+    tr = float(jnp.trace(A))
+    for x in (
+        {"w": jnp.ones(n_w, half), "b": jnp.ones(n_b, half)},
+        {"w": jnp.ones(n_w, jnp.float32), "b": jnp.ones(n_b, half)},
+    ):
+        for method in cv.TRACE_METHODS:
+            e = cv.hessian_trace(f, x, jax.random.key(1), num_matvecs=16, method=method, psd=True)
+            assert e.value.dtype == jnp.float32 and e.std_error.dtype == jnp.float32
+            assert abs(float(e.value) - tr) <= 4 * float(e.std_error) + 1e-2 * tr, method
+        op = cv.hvp_operator(f, x)
+        d = cv.diagonal(op, jax.random.key(0), like=x, num_matvecs=12, method="xdiag")
+        # a pytree like the parameters, in float32 (half-precision leaves are promoted)
+        assert jax.tree.map(lambda a: a.dtype, d.value) == {"w": jnp.float32, "b": jnp.float32}
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(d))
+        ev = cv.eigenvalues(op, jax.random.key(0), like=x, k=2, num_iters=30)
+        np.testing.assert_allclose(
+            ev.values, np.linalg.eigvalsh(np.asarray(A))[::-1][:2], rtol=2e-2
+        )
+        sd = cv.spectral_density(op, jax.random.key(0), like=x, num_probes=2, num_iters=10)
+        assert abs(float(jnp.trapezoid(sd.density, sd.grid)) - 1) < 1e-3
