@@ -704,3 +704,33 @@ def test_summary_counts_runs_that_missed_tol(tmp_path):
     sweep = lab.run(cfg, out=tmp_path / "o")
     assert "not reached (>5)" in sweep.summary
     assert "not reached (>5)" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_lab_run_leaves_the_sessions_x64_setting_alone(tmp_path):
+    """Runs execute with x64 enabled, scoped to each run: a session with x64 off (the JAX default)
+    that validates and runs a float64 config keeps x64 off, and env.json records what the runs saw."""
+    code = textwrap.dedent(
+        f"""
+        import json, jax
+        from gradlab import lab
+        assert not jax.config.jax_enable_x64
+        cfg = lab.parse({{"kind": "descent", "dtype": "float64", "descent": {{
+            "num_steps": 20, "problem": "quadratic", "strategy": "exact",
+            "optimizer": {{"name": "sgd", "learning_rate": "theory"}}}}}})
+        assert not jax.config.jax_enable_x64, "parse switched x64 on"
+        sweep = lab.run(cfg, out={str(tmp_path / "out")!r}, jobs=1)
+        assert not sweep.failed and not jax.config.jax_enable_x64, "run switched x64 on"
+        assert json.load(open({str(tmp_path / "out" / "env.json")!r}))["x64"] is True
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

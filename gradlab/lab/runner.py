@@ -210,12 +210,14 @@ def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -
     """Run one spec and write its result atomically; top-level so that loky can pickle it."""
     import jax
 
-    jax.config.update("jax_enable_x64", True)
     kind = get_kind(kind_name)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"id": rid, "spec": dict(spec)}
     try:
-        result = kind.execute(spec)
+        # runs take their precision from the config's dtype: x64 is on for the run only (scoped, so
+        # a Python session that calls lab.run keeps its own setting)
+        with jax.enable_x64(True):
+            result = kind.execute(spec)
         record.update(result)
         record.setdefault("error", None)
         if hasattr(kind, "labels"):
@@ -536,8 +538,8 @@ def run(
     if env is None:
         import jax
 
-        jax.config.update("jax_enable_x64", True)
-        env = environment(argv)
+        with jax.enable_x64(True):  # what the runs see (see _execute_one)
+            env = environment(argv)
         R.atomic_write(env_path, dumps(env))
     _launch(kind_name, todo, jobs=jobs, launcher=launcher, out=out, progress=progress)
     # results read above are reused; only the runs computed now are read back

@@ -213,9 +213,15 @@ def _check_instances(
     """Build every problem point and strategy point once, so constructor errors show at validation."""
     import jax
 
+    with jax.enable_x64(True):  # as the runs will (gradlab.lab.runner._execute_one)
+        return _check_instances_x64(problems, strategies, experiment, optimizers)
+
+
+def _check_instances_x64(problems, strategies, experiment, optimizers) -> list[str]:
+    import jax
+
     from gradlab import grads
 
-    jax.config.update("jax_enable_x64", True)
     errors = []
     built = []
     for i, entry in enumerate(problems):
