@@ -398,7 +398,8 @@ class GradCheck:
         reference) was accurate enough to vouch for the gradient (tolerance ≤ 0.1). Reverse and
         forward mode share every custom rule, so their agreement alone cannot catch a wrong one;
         near a minimum, or where ``|f| ≫ ‖∇f‖``, the differences' round-off can hide a factor 2.
-        ``ok and not conclusive`` prints as INCONCLUSIVE.
+        ``ok and not conclusive`` prints as INCONCLUSIVE; :attr:`verified` is ``ok and conclusive``
+        and :attr:`status` the three-way verdict.
     """
 
     ok: bool
@@ -429,6 +430,18 @@ class GradCheck:
             out += f"\n(note: {note})"
         return out
 
+    @property
+    def verified(self) -> bool:
+        """``ok and conclusive``: no method disagrees, and one independent of the AD rules was
+        accurate enough to vouch for the gradient. Test this rather than ``ok`` where the dtype may be
+        low (bfloat16, float16: a factor-2 rule can pass every tolerance there)."""
+        return self.ok and self.conclusive
+
+    @property
+    def status(self) -> str:
+        """``"ok"``, ``"inconclusive"`` or ``"failed"`` (what ``str(check)`` prints as the verdict)."""
+        return "failed" if not self.ok else "ok" if self.conclusive else "inconclusive"
+
     def raise_if_failed(self, *, allow_inconclusive: bool = False) -> GradCheck:
         """Raise ``AssertionError(message)`` unless ``ok`` — and, unless ``allow_inconclusive``,
         unless ``conclusive`` too; return ``self`` (for chaining)."""
@@ -443,7 +456,7 @@ class GradCheck:
         return self
 
     def __str__(self) -> str:
-        verdict = "FAILED" if not self.ok else "ok" if self.conclusive else "INCONCLUSIVE"
+        verdict = {"failed": "FAILED", "ok": "ok", "inconclusive": "INCONCLUSIVE"}[self.status]
         head = f"gradient check ({self.dtype}, f(x) = {float(self.value):.6g}): {verdict}"
         return "\n".join(filter(None, [head, self.table(), self.message]))
 
