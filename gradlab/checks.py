@@ -288,20 +288,23 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return nb > 0 and _norm(a - b) <= 1e-3 * nb
 
 
-def _matrix_patterns(got: np.ndarray, exp: np.ndarray, where: str, label: str) -> str | None:
+def _matrix_patterns(
+    got: np.ndarray, exp: np.ndarray, where: str, label: str, noun: str = "gradient"
+) -> str | None:
     """Recognise the classic matrix-calculus slips in one square 2-D leaf."""
     if got.ndim != 2 or got.shape[0] != got.shape[1] or got.shape[0] < 2:
         return None
     if _close(exp, exp.T):  # symmetric gradient: transposes are invisible
         return None
     if _close(got, exp.T):
-        return (
-            f"{label} matches the TRANSPOSE of the gradient in {where}: return G.T "
+        return f"{label} matches the TRANSPOSE of the {noun} in {where}: return G.T " + (
             "(∂f/∂X_ij belongs at [i, j]; read G off df = ⟨G, dX⟩ = tr(Gᵀ dX))"
+            if noun == "gradient"
+            else f"(the {noun} is indexed like x: read it off d⟨∇f, V⟩ = ⟨HV, dX⟩)"
         )
     if _close(got, (exp + exp.T) / 2):
         return (
-            f"{label} matches the symmetric part (G + Gᵀ)/2 of the gradient in {where}: "
+            f"{label} matches the symmetric part (G + Gᵀ)/2 of the {noun} in {where}: "
             "was the matrix assumed symmetric?"
         )
     if _close(got, exp + exp.T - np.diag(np.diag(exp))):
@@ -313,7 +316,13 @@ def _matrix_patterns(got: np.ndarray, exp: np.ndarray, where: str, label: str) -
 
 
 def _diagnose(
-    got: np.ndarray, exp: np.ndarray, layout: _Layout, tol: float, label: str, base: str
+    got: np.ndarray,
+    exp: np.ndarray,
+    layout: _Layout,
+    tol: float,
+    label: str,
+    base: str,
+    noun: str = "gradient",
 ) -> list[str]:
     """Lines that say what is wrong: a pattern where recognisable, then the worst entries."""
     lines: list[str] = []
@@ -325,7 +334,7 @@ def _diagnose(
     if lines:
         return lines
     if not np.any(got):
-        lines.append(f"{label} is identically zero: a missing term, or a gradient never filled in?")
+        lines.append(f"{label} is identically zero: a missing term, or a {noun} never filled in?")
     elif (alpha := _scale_of(got, exp)) is not None:
         lines.append(_ratio_phrase(alpha, label, base))
     else:
@@ -333,7 +342,7 @@ def _diagnose(
         for where, g, e in zip(layout.paths, got_leaves, exp_leaves, strict=True):
             if _rel(g, e) <= tol:
                 continue
-            found = _matrix_patterns(g, e, where, label)
+            found = _matrix_patterns(g, e, where, label, noun)
             if found is None and len(layout.paths) > 1 and (a := _scale_of(g, e)) is not None:
                 found = f"in {where}: " + _ratio_phrase(a, label, base)
             if found is not None:
@@ -1476,7 +1485,10 @@ def _hvp_finish(setup: _HVPSetup, raw: Mapping[str, Any], rtol: Any) -> HVPCheck
                 "the relative error is rounding noise. Check with another v."
             )
         lines += [
-            "  " + s for s in _diagnose(got_np, exp_np, _Layout(setup.x), tol, label, "dense H·v")
+            "  " + s
+            for s in _diagnose(
+                got_np, exp_np, _Layout(setup.x), tol, label, "dense H·v", "Hessian-vector product"
+            )
         ]
         message = "\n".join(lines)
     return HVPCheck(

@@ -419,6 +419,19 @@ def test_near_a_minimum_in_float32_a_wrong_rule_is_inconclusive_not_ok():
     assert good.conclusive and good.verified and good.status == "ok"
 
 
+def test_a_transposed_hvp_is_named_as_such():
+    B = jax.random.normal(jax.random.key(1), (3, 3))
+    W = jax.random.normal(jax.random.key(2), (3, 3))
+    r = checks.hvp(
+        lambda W: 0.5 * jnp.sum((W @ B) ** 2),  # H·V = V B Bᵀ
+        W,
+        lambda W, V: (V @ B @ B.T).T,
+        key=jax.random.key(3),
+    )
+    assert not r.ok and "TRANSPOSE of the Hessian-vector product in x" in r.message
+    assert "∂f/∂X_ij" not in r.message  # the gradient's hint does not apply
+
+
 def test_half_precision_points_are_checked():
     check = checks.gradient(lambda x: jnp.sum(x**2), jnp.ones(3, jnp.bfloat16))
     assert check.ok and str(check.dtype) == "bfloat16" and not check.conclusive
