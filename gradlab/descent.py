@@ -1065,8 +1065,9 @@ def fd_cg(
     if not bool(resolvable):
         _raise_unresolvable(tol, f_star, float(f0), np.dtype(dtype))
     n = int(n)
-    loss = np.concatenate([[float(f0)], np.asarray(loss[:n], np.float64)])
-    gnorm = np.concatenate([[float(gnorm0)], np.asarray(gnorm[:n], np.float64)])
+    # in the loss's dtype, as run() records it
+    loss = np.concatenate([np.asarray(f0)[None], np.asarray(loss[:n])])
+    gnorm = np.concatenate([np.asarray(gnorm0)[None], np.asarray(gnorm[:n])])
     evals = np.concatenate([[0], x0.size + 1 + np.cumsum(np.asarray(counts[:n], np.int64))])
     zeros = np.zeros_like(evals)
 
