@@ -277,6 +277,20 @@ def test_report_files(tmp_path):
     md = (out / "report.md").read_text()
     assert "theory steps" in md and all(f"figures/{f}" in md for f in figs)
     assert f"({env['cpu']['model']}" in md  # the CPU kind: bit-for-bit holds on the same kind
+    # the table's numbers are the runs' own (one repeat: no medians or ranges)
+    head, *rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in md.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][:4]
+    cells = {r[head.index("strategy")]: dict(zip(head, r, strict=True)) for r in rows}
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == len(cells) == 3
+    for run in runs:
+        row, summ = cells[run["labels"]["strategy_label"]], run["summary"]
+        assert row["steps to tol"] == str(summ["steps_to_tol"])
+        assert row["evals to tol"] == str(summ["fun_evals_to_tol"])
+        assert float(row["final"]) == pytest.approx(summ["final_gap"], rel=5e-3)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3
     assert "http://" not in page and "https://" not in page  # offline

@@ -94,6 +94,23 @@ def test_gradients_equal_plain(strategy, opts, L):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("L", [1, 9])
+def test_plain_scan_equals_an_unrolled_python_loop(L):
+    """The reference of test_gradients_equal_plain, scan_layers(strategy="none"), against jax.grad
+    of the chain written as a Python loop (no scan, no remat): an oracle outside the code under test."""
+    params, x = chain_problem(L)
+
+    def loop_loss(params, x):
+        for i in range(L):
+            x = tanh_layer(jax.tree.map(lambda a, i=i: a[i], params), x)
+        return jnp.sum(jnp.sin(x))
+
+    want = jax.grad(loop_loss, argnums=(0, 1))(params, x)
+    got = grad_fn("none")(params, x)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+
+
 def test_forward_value_and_dict_state():
     params, x = chain_problem(5)
     y0 = remat.scan_layers(tanh_layer, params, x)
