@@ -1639,6 +1639,9 @@ def catalog(
     >>> result = catalog(["quadratic"], key=jax.random.key(0))
     >>> result.ok, result.rows[0].name
     (True, 'quadratic')
+
+    Reference: each problem's ``Problem.reference``; the tolerances as in :func:`gradient` and
+      :func:`hvp`.
     """
     from gradlab import problems
 

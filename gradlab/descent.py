@@ -685,6 +685,10 @@ def run(
     ...         num_steps=100, tol=1e-8)
     >>> h.steps_run, round(float(h.loss[1]), 4), h.criterion
     (29, 0.75, 'grad_norm')
+
+    Reference: Nesterov, *Introductory Lectures on Convex Optimization*, 2004, §2.1 (gradient descent,
+      step 1/L); Nesterov & Spokoiny, *Found. Comput. Math.* 17 (2017) (with zero-order oracles); the
+      optax documentation (``GradientTransformationExtraArgs``, line searches).
     """
     _check_callables(fn, strategy, optimizer)
     check_key(key, "descent.run")

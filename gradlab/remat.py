@@ -287,6 +287,8 @@ def revolve_advances(num_steps: int, snapshots: int) -> int:
 
     >>> revolve_advances(10, 3), revolve_advances(4, 1)  # memory-poor: 3 + 2 + 1
     (15, 6)
+
+    Reference: Griewank & Walther, Algorithm 799: Revolve, *ACM Trans. Math. Softw.* 26 (2000).
     """
     l = check_positive_int("num_steps", num_steps)
     s = check_positive_int("snapshots", snapshots)

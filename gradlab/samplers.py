@@ -159,6 +159,9 @@ sphere.__doc__ = """Directions uniform on the unit sphere in R^d (``v = z/‖z�
     >>> V = sphere(jnp.zeros(5), num=3)(jax.random.key(0))
     >>> [round(float(n), 12) for n in jnp.linalg.norm(V, axis=1)]
     [1.0, 1.0, 1.0]
+
+    Reference: Muller, A note on a method for generating points uniformly on n-dimensional spheres,
+      *Comm. ACM* 2 (1959).
     """
 gaussian = _iid("gaussian", _draw_gaussian, lambda d: 1.0)
 gaussian.__doc__ = """Standard Gaussian directions ``v ~ N(0, I_d)``; ``E[v vᵀ] = I``, ``E‖v‖² = d``.
@@ -168,6 +171,8 @@ gaussian.__doc__ = """Standard Gaussian directions ``v ~ N(0, I_d)``; ``E[v vᵀ
     >>> import jax, jax.numpy as jnp
     >>> gaussian(jnp.zeros(4, jnp.float32), num=2)(jax.random.key(0)).dtype
     dtype('float32')
+
+    Reference: Nesterov & Spokoiny, *Found. Comput. Math.* 17 (2017) (Gaussian smoothing directions).
     """
 rademacher = _iid("rademacher", _draw_rademacher, lambda d: 1.0)
 rademacher.__doc__ = """Rademacher directions ``v ∈ {±1}^d`` (independent fair signs); ``E[v vᵀ] = I``.
@@ -177,6 +182,8 @@ rademacher.__doc__ = """Rademacher directions ``v ∈ {±1}^d`` (independent fai
     >>> import jax, jax.numpy as jnp
     >>> sorted(set(rademacher(jnp.zeros(8), num=4)(jax.random.key(0)).ravel().tolist()))
     [-1.0, 1.0]
+
+    Reference: Hutchinson, *Comm. Stat. Simul. Comput.* 18 (1989); Avron & Toledo, *J. ACM* 58 (2011).
     """
 
 
@@ -205,6 +212,9 @@ def orthogonal(like: Any, /, *, num: int) -> Sampler:
     >>> V = orthogonal(jnp.zeros(1000), num=4)(jax.random.key(0))
     >>> bool(jnp.allclose(V @ V.T, jnp.eye(4), atol=1e-12))
     True
+
+    Reference: Mezzadri, How to generate random matrices from the classical compact groups, *Notices
+      AMS* 54 (2007) (QR of a Gaussian block with the sign fix).
     """
     num = check_positive_int("num", num)
     d, dtype = _flat_spec(like)
@@ -235,6 +245,9 @@ def coordinate(like: Any, /, *, num: int) -> Sampler:
     >>> V = coordinate(jnp.zeros(5), num=5)(jax.random.key(0))
     >>> bool(jnp.array_equal(V.sum(axis=0), jnp.ones(5)))
     True
+
+    Reference: Nesterov, Efficiency of coordinate descent methods on huge-scale optimization problems,
+      *SIAM J. Optim.* 22 (2012).
     """
     num = check_positive_int("num", num)
     d, dtype = _flat_spec(like)
@@ -266,6 +279,8 @@ def names() -> list[str]:
 
     >>> names()
     ['coordinate', 'gaussian', 'orthogonal', 'rademacher', 'sphere']
+
+    Reference: the samplers' own docstrings.
     """
     return sorted(_REGISTRY)
 
@@ -276,6 +291,8 @@ def make(name: str, like: Any, /, *, num: int) -> Sampler:
     >>> import jax.numpy as jnp
     >>> make("gaussian", jnp.zeros(3), num=2).second_moment
     1.0
+
+    Reference: the samplers' own docstrings.
     """
     check_choice("distribution", name, _REGISTRY)
     return _REGISTRY[name](like, num=num)
