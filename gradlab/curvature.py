@@ -570,7 +570,7 @@ def _quad_terms(mv, key, sampler, start, num, batch_size, mesh):
     return _quad_stats(Z, _apply(mv, Z, batch_size=batch_size, mesh=mesh))
 
 
-def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
+def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name, block=None):
     """Blocks of iid terms until ``std_error < rtol·|value|`` or the budget (of terms) runs out.
 
     ``terms_fn(start, num)`` returns :func:`_quad_stats` of a block. ``value = base + mean(terms)``;
@@ -582,9 +582,10 @@ def _sequential(terms_fn, base, budget, *, batch_size, rtol, offset, name):
     Blocks hold ``max(10, batch_size)`` terms (capped by the budget): the stop is tested on at least
     10 new terms whatever the memory setting (``batch_size`` only chunks the products), and the
     ``budget mod block`` terms left over form one last, smaller block, so a run that never stops spends
-    the whole budget on the same probes as a one-shot estimate.
+    the whole budget on the same probes as a one-shot estimate. ``block`` overrides the block size
+    (``auto`` continues in blocks of its first block's size).
     """
-    block = min(budget, max(_DEFAULT_BLOCK, batch_size or 0))
+    block = min(budget, block or max(_DEFAULT_BLOCK, batch_size or 0))
     num_blocks, rest = divmod(budget, block)  # whole blocks share one compiled shape
     dtype = base.dtype
 
@@ -1151,20 +1152,22 @@ def _auto_rtol(mv, key, sampler, m, *, batch_size, mesh, n, psd, rtol, first):
         first_block = _quad_stats(Om0, Y0)
 
         def terms(start, num):
-            return _cond(
-                start == 0,
-                lambda: first_block,
-                lambda: _quad_terms(mv, key, sampler, start, num, batch_size, mesh),
-            )
+            fresh = lambda: _quad_terms(mv, key, sampler, start, num, batch_size, mesh)  # noqa: E731
+            if num != s0:  # the last, smaller block: never the first (both branches need its shape)
+                return fresh()
+            return _cond(start == 0, lambda: first_block, fresh)
 
+        # blocks of s0 probes, the first block's size (fewer than 10 when m < 20: the first block
+        # already is m/2)
         est = _sequential(
             terms,
             jnp.zeros((), sampler.dtype),
             m,
-            batch_size=s0,
+            batch_size=batch_size,
             rtol=rtol,
             offset=0,
             name=sampler.name,
+            block=s0,
         )
         return est, false
 

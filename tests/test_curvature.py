@@ -238,6 +238,30 @@ def test_rtol_for_auto_continues_the_chosen_method(mats, psd):
         assert abs(a.value - tr) < 4 * a.std_error
 
 
+@pytest.mark.parametrize("m", [8, 13, 25])
+def test_rtol_for_auto_with_small_budgets(m):
+    """Budgets under 20 split as m/2 + m/2 before the stopping rule: auto's Hutchinson continuation
+    runs in blocks of its first block (m/2), eagerly and under jit (where every branch is traced);
+    the leftover block of m = 13 (6 + 6 + 1) and m = 25 (10 + 10 + 5) included."""
+    n = 60
+    A = jnp.diag(jnp.linspace(1.0, 2.0, n))  # flat: auto picks Hutchinson
+    like = jnp.zeros(n)
+
+    def est(key, psd):
+        return cv.trace(
+            lambda v: A @ v, key, like=like, num_matvecs=m, method="auto", rtol=1e-9, psd=psd
+        )
+
+    for psd in (False, True):
+        eager = est(jax.random.key(0), psd)
+        assert int(eager.num_matvecs) == m  # rtol never met: the whole budget is spent
+        assert abs(float(eager.value) - 90.0) < 5 * float(eager.std_error)
+    if m == 13:  # under jit every branch is traced (≈ 15 s of compilation: one budget)
+        jitted = jax.jit(est, static_argnums=1)(jax.random.key(0), False)
+        assert int(jitted.num_matvecs) == m
+        np.testing.assert_allclose(jitted.value, est(jax.random.key(0), False).value, rtol=1e-12)
+
+
 def test_batch_size_and_jit_compile_once(mats):
     A, _ = mats["inv_k"]
 
