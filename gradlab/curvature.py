@@ -371,15 +371,23 @@ def _apply_sharded(mv: Callable, V: jax.Array, *, batch_size: int | None, mesh: 
     return jax.lax.slice_in_dim(out, 0, k)
 
 
-def _check_mesh(mesh: Any) -> None:
+def _check_mesh(mesh: Any) -> Any:
+    """The mesh, validated, with its axis made ``Auto``: ``jax.make_mesh`` makes ``Explicit`` axes
+    by default, and an eager estimator that mixes the mesh-replicated products with single-device
+    buffers then fails ("Length of device assignment 1 is not equal to the size of the mesh")."""
     if mesh is None:
-        return
+        return None
     names = getattr(mesh, "axis_names", None)
     if names is None or len(names) != 1:
         raise OptionError(
             f"mesh: expected a jax.sharding.Mesh with exactly one axis, got {mesh!r}. "
             'Build one with jax.make_mesh((jax.device_count(),), ("probes",)).'
         )
+    from jax.sharding import AxisType, Mesh
+
+    if tuple(getattr(mesh, "axis_types", ())) == (AxisType.Auto,):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,))
 
 
 def _check_batch_size(batch_size: Any) -> int | None:
@@ -1421,7 +1429,7 @@ def trace(
     sampler = check_choice("sampler", sampler, SAMPLERS)
     m = check_positive_int("num_matvecs", num_matvecs)
     batch_size = _check_batch_size(batch_size)
-    _check_mesh(mesh)
+    mesh = _check_mesh(mesh)
     if not isinstance(psd, bool):
         raise OptionError(f"psd: expected True or False, got {psd!r}.")
     if rtol is not None:
@@ -1575,7 +1583,7 @@ def diagonal(
     method = check_choice("method", method, DIAGONAL_METHODS)
     m = check_positive_int("num_matvecs", num_matvecs)
     batch_size = _check_batch_size(batch_size)
-    _check_mesh(mesh)
+    mesh = _check_mesh(mesh)
     check_key(key, "diagonal")
     mv, n, dtype = _flat_operator(matvec, like)
     # leaves like `like`, in their dtypes promoted to at least float32 (half precision is estimated
