@@ -234,6 +234,18 @@ def _op_fn(op: str, f: Callable) -> Callable:
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def _check_clock(clock: Any) -> str:
+    """``clock`` validated: ``"cpu"`` (the process CPU time) only where JAX computes on the CPU; on a
+    GPU or TPU that time misses what the device spends and measures dispatch or spin-waiting."""
+    check_choice("clock", clock, _CLOCKS)
+    if clock == "cpu" and jax.default_backend() != "cpu":
+        raise OptionError(
+            f"clock: 'cpu' reads the host's process CPU time, which does not see the time the "
+            f"{jax.default_backend()} device spends; use clock='wall' on this backend."
+        )
+    return clock
+
+
 def _interleaved(
     calls: Mapping[str, Callable[[], Any]],
     *,
@@ -311,7 +323,7 @@ def costs(
     """
     check_positive_int("repeats", repeats)
     check_positive("min_sample_s", min_sample_s)
-    check_choice("clock", clock, _CLOCKS)
+    _check_clock(clock)
     _check_inexact("x", x)
     if isinstance(ops, str):
         raise OptionError(
@@ -461,7 +473,7 @@ def crossover(
         raise OptionError(f"ms: expected increasing distinct sizes, got {ms!r}; sort them.")
     check_choice("dtype", dtype, ("float32", "float64"))
     check_positive_int("repeats", repeats)
-    check_choice("clock", clock, _CLOCKS)
+    _check_clock(clock)
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise OptionError(
             "dtype: 'float64' needs jax.config.update('jax_enable_x64', True); or use 'float32'."
