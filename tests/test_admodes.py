@@ -207,7 +207,7 @@ def test_crossover_timed_fields():
 def test_cpu_clock_is_refused_off_the_cpu_backend(monkeypatch):
     """The process CPU time does not see a GPU's or TPU's time: clock='cpu' is an error there."""
     monkeypatch.setattr(admodes.jax, "default_backend", lambda: "gpu")
-    with pytest.raises(OptionError, match="clock: 'cpu' reads the host's process CPU time.*gpu"):
+    with pytest.raises(OptionError, match=r"clock: 'cpu' reads the host's process CPU time.*gpu"):
         admodes.crossover(4, (2, 8), key=jax.random.key(0), clock="cpu")
     with pytest.raises(OptionError, match="use clock='wall'"):
         admodes.costs(lambda x: x * 2, jnp.ones(3), clock="cpu")

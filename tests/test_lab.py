@@ -690,10 +690,18 @@ def test_runs_from_another_device_are_recomputed_and_a_bad_env_is_rebuilt(tmp_pa
     path = out / "runs" / rid / "result.json"
     record = json.loads(path.read_text())
     assert record["device"] == jax.devices()[0].device_kind
-    path.write_text(json.dumps({**record, "device": "some other accelerator"}))
-    again = lab.run(cfg, out=out)
-    assert (again.num_computed, again.num_reused) == (1, 1)
-    assert json.loads(path.read_text())["device"] == jax.devices()[0].device_kind
+    here = record["machine"]
+    assert here["backend"] == jax.default_backend() and here["device_count"] == jax.device_count()
+    for other in (
+        {"device_kind": "some other accelerator"},
+        {"device_count": 4},  # a sweep made on 4 devices is not reused on 1
+        {"cpu": "another CPU model"},  # its rounding can differ in the last bits
+        {"xla_flags": "--xla_force_host_platform_device_count=4"},
+    ):
+        path.write_text(json.dumps({**record, "machine": {**here, **other}}))
+        again = lab.run(cfg, out=out)
+        assert (again.num_computed, again.num_reused) == (1, 1), other
+        assert json.loads(path.read_text())["machine"] == here
     # an unreadable env.json: `gradlab report` still renders (saying so), a run rewrites it
     (out / "env.json").write_text("{not json")
     lab.rerender(out)

@@ -206,6 +206,22 @@ def dumps(obj: Any, *, compact: bool = False) -> str:
     return json.dumps(obj, indent=1, allow_nan=False) + "\n"
 
 
+def _machine() -> dict[str, Any]:
+    """What a finished run must share with this process to be reused: the backend, the device kind
+    and count (a sweep run on 4 devices is not reused on 1), ``XLA_FLAGS`` and, on the CPU backend,
+    the CPU model (XLA compiles for the host's vector extensions; rounding can differ)."""
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu": cpu_info()["model"] if jax.default_backend() == "cpu" else None,
+    }
+
+
 def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -> dict[str, Any]:
     """Run one spec and write its result atomically; top-level so that loky can pickle it."""
     import jax
@@ -235,6 +251,7 @@ def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -
     record["seconds"] = time.perf_counter() - t0
     record["backend"] = jax.default_backend()
     record["device"] = jax.devices()[0].device_kind
+    record["machine"] = _machine()
     R.atomic_write(path, json.dumps(_clean(record), allow_nan=False, separators=(",", ":")))
     return {"id": rid, "status": record["status"], "error": record.get("error")}
 
@@ -486,7 +503,8 @@ def run(
       prune: delete the run folders under ``out/runs`` that belong to no run of this config (left
         by earlier versions of it); by default they are kept and listed in ``Sweep.stale``.
 
-    A finished run is reused only if it was computed on the same backend and device kind; others are
+    A finished run is reused only if it was computed on the same kind of machine (:func:`_machine`:
+    backend, device kind and count, ``XLA_FLAGS``, and on the CPU backend the CPU model); others are
     recomputed here (their timings, and possibly their rounding, belong to another machine).
 
     Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config, and
@@ -513,12 +531,8 @@ def run(
     if any(r is not None for r in cached.values()):
         import jax
 
-        here = (jax.default_backend(), jax.devices()[0].device_kind)
-        cached = {
-            rid: r
-            for rid, r in cached.items()
-            if r is not None and (r.get("backend"), r.get("device")) == here
-        }
+        here = _machine()
+        cached = {rid: r for rid, r in cached.items() if r is not None and r.get("machine") == here}
     todo = [
         (rid, spec, str(runs_dir / rid / "result.json"))
         for rid, spec in unique.items()
