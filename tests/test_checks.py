@@ -591,3 +591,16 @@ def test_catalog_reports_a_wrong_problem_and_a_broken_one(monkeypatch):
     assert "zz_half:\ngradient check failed: reference disagrees" in table
     assert "reference ≈ 0.5 × reverse mode: a missing factor 2?" in table
     assert "zz_broken:\nerror: RuntimeError: boom" in table
+
+
+def test_difference_batches_are_wide_off_the_cpu(monkeypatch):
+    """Chunks of 4 coordinates on the CPU backend (batched LAPACK deadlocked beyond ~30 there), 64
+    elsewhere; the numbers do not depend on the chunking."""
+    assert checks._chunk() == 4
+    x = jnp.linspace(0.1, 1.0, 11)
+    cpu = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)
+    monkeypatch.setattr(checks.jax, "default_backend", lambda: "gpu")
+    assert checks._chunk() == 64
+    wide = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)  # a new f: traced again
+    for m in cpu.errors:
+        assert wide.errors[m] == pytest.approx(cpu.errors[m], rel=1e-6, abs=1e-18), m

@@ -935,3 +935,24 @@ def test_half_precision_parameters_are_estimated_in_float32(half):
         )
         sd = cv.spectral_density(op, jax.random.key(0), like=x, num_probes=2, num_iters=10)
         assert abs(float(jnp.trapezoid(sd.density, sd.grid)) - 1) < 1e-3
+
+
+def test_hessian_trace_batches_by_backend(monkeypatch):
+    """batch_size=None: one HVP at a time on the CPU backend (cheapest there), one vmap elsewhere."""
+    seen = []
+    real = cv.trace
+
+    def spy(*args, **kw):
+        seen.append(kw["batch_size"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cv, "trace", spy)
+    f, x = lambda p: jnp.sum(p**4), jnp.linspace(-1.0, 1.0, 6)
+    a = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=4)
+    monkeypatch.setattr(cv.jax, "default_backend", lambda: "gpu")
+    b = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=4)
+    c = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=4, batch_size=2)
+    assert seen == [1, None, 2]
+    np.testing.assert_allclose(
+        [b.value, c.value], a.value, rtol=1e-12
+    )  # batching changes no number
