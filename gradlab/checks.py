@@ -114,6 +114,8 @@ def _chunk() -> int:
     """Coordinates per vmapped batch of the difference methods: small on the CPU backend (see
     ``_CHUNK``), wide elsewhere, where n/4 sequential small batches would leave the device idle."""
     return _CHUNK if jax.default_backend() == "cpu" else _CHUNK_ACCELERATOR
+
+
 _COMPLEX_DELTA = 1e-20
 # Checks of small problems are dominated by XLA:CPU compile time. Without the MLIR fusion emitters and
 # with LLVM at -O0 it drops 3-5× (MLP problem: 2.2 s → 0.7 s; the run goes 7 → 28 ms); bigger problems

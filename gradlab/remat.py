@@ -78,7 +78,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -1102,6 +1102,33 @@ def _split_instr(rest: str):
 
 # ops whose work the HLO count cannot see (library calls and algorithms with data-dependent cost)
 _UNCOUNTED = frozenset({"custom-call", "fft", "triangular-solve", "cholesky", "sort"})
+_GEMM_TARGETS = (
+    "__cublas$gemm",
+    "__cublas$lt$matmul",
+)  # GPU matmuls (and their prefixes' variants)
+
+
+def _gemm_flops(operands: str, attrs: str, table: Mapping[str, tuple[int, ...]]) -> float | None:
+    """``2 × lhs elements × rhs free elements`` of a cuBLAS GEMM custom call (GPU: XLA emits most
+    ``dot``s as these), from its operands' shapes and the ``dot_dimension_numbers`` of its
+    ``backend_config``; ``None`` where it is not one or cannot be read (then it stays uncounted)."""
+    target = re.search(r'custom_call_target="([^"]+)"', attrs)
+    if not target or not target.group(1).startswith(_GEMM_TARGETS):
+        return None
+    args = re.findall(r"%([\w.\-]+)", operands)
+    if len(args) < 2 or args[0] not in table or args[1] not in table:
+        return None
+
+    def dims(field: str) -> list[int] | None:
+        m = re.search(rf'"{field}":\[([^\]]*)\]', attrs)
+        return None if m is None else [int(v) for v in re.findall(r"\d+", m.group(1))]
+
+    rc, rb = dims("rhs_contracting_dimensions"), dims("rhs_batch_dimensions")
+    if rc is None or rb is None:
+        return None
+    lhs, rhs = table[args[0]], table[args[1]]
+    rhs_free = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+    return 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
 
 
 def hlo_flops(hlo_text: str) -> dict[str, Any]:
@@ -1114,8 +1141,10 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
     while loops (body and condition × trip count; a loop without a known trip count is counted once
     and reported in ``unknown_trip_counts``). Transcendentals (``tanh``, ``exp``, …) are not FLOPs, as
     in XLA's cost analysis. Work this count cannot see — library calls (``custom-call``: LAPACK's
-    Cholesky, QR, eigh, SVD on CPU; cuBLAS/cuDNN on GPU), ``fft``, ``triangular-solve``, ``sort`` — is
-    listed by op name in ``uncounted``, so a ratio built on ``flops`` can say what it leaves out.
+    Cholesky, QR, eigh, SVD on CPU; cuDNN on GPU), ``fft``, ``triangular-solve``, ``sort`` — is
+    listed by op name in ``uncounted``, so a ratio built on ``flops`` can say what it leaves out. The
+    exception: cuBLAS GEMM custom calls (most ``dot``s on a GPU) are counted as dots, from their
+    operands' shapes and ``dot_dimension_numbers``.
     Returns ``flops``, ``dot_flops`` (dots and convolutions), ``unknown_trip_counts`` and
     ``uncounted``.
 
@@ -1175,7 +1204,11 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
         table = shapes.get(name, {})
         for dims, op, operands, attrs in comps.get(name, []):
             n_out = float(np.prod(dims)) if dims is not None else 0.0
-            if op in _UNCOUNTED:
+            gemm = _gemm_flops(operands, attrs, table) if op == "custom-call" else None
+            if gemm is not None:
+                total += gemm
+                dots += gemm
+            elif op in _UNCOUNTED:
                 missed.add(op)
             elif op == "convolution":
                 args = re.findall(r"%([\w.\-]+)", operands)

@@ -454,3 +454,28 @@ def test_hlo_flops_counts_convolutions_and_names_what_it_cannot_count():
     assert fft.uncounted == ("fft",)
     chol = remat.measure(lambda a: jnp.sum(jnp.linalg.cholesky(a)), jnp.eye(4), run=False)
     assert chol.uncounted == ("custom-call",)
+
+
+_GPU_GEMM_HLO = """HloModule jit_f
+
+ENTRY %main.4 (Arg_0.1: f32[{lhs}], Arg_1.2: f32[{rhs}]) -> f32[{out}] {{
+  %Arg_0.1 = f32[{lhs}]{{1,0}} parameter(0)
+  %Arg_1.2 = f32[{rhs}]{{1,0}} parameter(1)
+  %custom-call.1 = (f32[{out}]{{1,0}}, s8[4194304]{{0}}) custom-call(f32[{lhs}]{{1,0}} %Arg_0.1, f32[{rhs}]{{1,0}} %Arg_1.2), custom_call_target="__cublas$gemm", backend_config={{"operation_queue_id":"0","gemm_backend_config":{{"alpha_real":1,"beta":0,"dot_dimension_numbers":{{"lhs_contracting_dimensions":["{lc}"],"rhs_contracting_dimensions":["{rc}"],"lhs_batch_dimensions":[{b}],"rhs_batch_dimensions":[{b}]}},"epilogue":"DEFAULT"}}}}
+  ROOT %get-tuple-element.2 = f32[{out}]{{1,0}} get-tuple-element(%custom-call.1), index=0
+}}
+"""
+
+
+def test_hlo_flops_counts_cublas_gemm_custom_calls():
+    """On a GPU XLA emits most dots as cuBLAS custom calls; the count reads their shapes and
+    dot_dimension_numbers (a GPU-style module written out here: CI has no GPU)."""
+    plain = _GPU_GEMM_HLO.format(lhs="64,32", rhs="32,16", out="64,16", lc=1, rc=0, b="")
+    c = remat.hlo_flops(plain)
+    assert c["dot_flops"] == c["flops"] == 2 * 64 * 32 * 16 and c["uncounted"] == ()
+    batched = _GPU_GEMM_HLO.format(lhs="8,64,32", rhs="8,32,16", out="8,64,16", lc=2, rc=1, b='"0"')
+    assert remat.hlo_flops(batched)["dot_flops"] == 2 * 8 * 64 * 32 * 16
+    other = plain.replace("__cublas$gemm", "__cudnn$convForward")  # not a GEMM: listed, not counted
+    assert remat.hlo_flops(other)["dot_flops"] == 0 and remat.hlo_flops(other)["uncounted"] == (
+        "custom-call",
+    )

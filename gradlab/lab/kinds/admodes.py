@@ -119,7 +119,7 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
             f"{1e6 * f:.1f}",
             f"{1e6 * r:.1f}",
             f"{r / f:.2f}",
-            f"{rf / ff:.3g}",
+            f"{rf / ff:.3g}" if ff else "—",
             by[m][0]["summary"]["auto_mode"],
             f"{a / min(f, r):.2f}",
         ]

@@ -184,8 +184,10 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
     for (L, strat), members in sorted(by.items()):
         base = by.get((L, "none"))
         mem, fl = med(members, "memory_bytes"), med(members, "dot_flops")
-        mem_r = mem / med(base, "memory_bytes") if base else None
-        fl_r = fl / med(base, "dot_flops") if base else None
+        # a zero baseline (a backend whose matmuls are library calls the HLO count cannot see) gives
+        # no ratio rather than a ZeroDivisionError
+        mem_r = mem / med(base, "memory_bytes") if base and med(base, "memory_bytes") else None
+        fl_r = fl / med(base, "dot_flops") if base and med(base, "dot_flops") else None
         plan_mem = None
         if base and members[0]["summary"].get("plan_peak_bytes") is not None:
             # calibrated plan: the gradient outputs (the same for every strategy) + predicted temporaries
