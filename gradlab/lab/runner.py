@@ -366,8 +366,13 @@ def _launch(
                 done.append(_execute_one(kind_name, spec, rid, path))
                 bar.advance(task)
         else:
+            import jax
             from joblib import Parallel, delayed
 
+            if jax.default_backend() != "cpu":
+                # each worker is a process of its own: by default JAX would preallocate 75% of the
+                # accelerator's memory in every one of them (the workers read this when they start)
+                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
             for res in parallel(
                 delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
