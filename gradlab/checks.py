@@ -279,6 +279,8 @@ def _scale_of(got: np.ndarray, exp: np.ndarray) -> float | None:
         if e == 0 or g == 0:
             return None
         r = abs(g / e)
+        if not math.isfinite(r):  # a subnormal expected value: no ratio to read
+            return None
         n = r if r >= 1 else 1 / r
         telling = round(n) <= 16 and abs(n - round(n)) < 1e-3 * n
         return g / e if telling and abs(g / e - 1) > 1e-3 else None
@@ -368,7 +370,9 @@ def _diagnose(
         f"the largest:"
     )
     for j in order[:5]:
-        ratio = f", ratio {got[j] / exp[j]:.4g}" if exp[j] != 0 else ""
+        ratio = (
+            f", ratio {float(got[j]) / float(exp[j]):.4g}" if exp[j] != 0 else ""
+        )  # inf, no warning
         lines.append(
             f"  {layout.entry(int(j))}: expected {_fmt(exp[j])} ({base}), got {_fmt(got[j])}, "
             f"Δ = {_fmt(diff[j])}{ratio}"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -505,7 +506,8 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             # tol of 1e-12 "reached" at a true gap of 3e-7). Where it does not, no step is run and
             # the driver raises, naming the smallest tolerance that can be resolved.
             floor = _GAP_ROUNDING * jnp.finfo(dtype).eps * jnp.abs(f_star)
-            resolvable = stop0 | (tol * (loss0 - f_star) >= floor)
+            # (f(x₀) ≤ f*: f* is no lower bound here, and the run goes on as it always did)
+            resolvable = stop0 | (loss0 <= f_star) | (tol * (loss0 - f_star) >= floor)
             end = jnp.where(resolvable, end, jnp.zeros_like(end))
         carry = (params, opt_state, jnp.zeros((3,), count_dtype), pending, stop0)
         carry, bufs, n = segment(carry, key, jnp.zeros((), count_dtype), end, tol, loss0, f_star)
@@ -554,7 +556,15 @@ class _Executables:
 
 def _compiled(fn, strategy, optimizer, cfg: _Config, params, key) -> tuple[_Executables, float]:
     """Return ``(executables, compile_time)``, compiling on a cache miss (compile_time 0.0 on a hit)."""
-    cache_key = (id(fn), id(strategy), id(optimizer), cfg, _signature(params), _signature(key))
+    cache_key = (
+        id(fn),
+        id(strategy),
+        id(optimizer),
+        cfg,
+        _signature(params),
+        _signature(key),
+        bool(jax.config.jax_enable_x64),  # a run inside `with jax.enable_x64(...)` compiles anew
+    )
     hit = _CACHE.get(cache_key)
     if hit is not None:
         _CACHE.move_to_end(cache_key)
@@ -582,6 +592,10 @@ _GAP_ROUNDING = 2.0  # a relative gap is resolvable down to this many ε·|f*| /
 def _raise_unresolvable(tol: float, f_star: float, f0: float, dtype: Any) -> None:
     eps = float(np.finfo(dtype).eps)
     smallest = _GAP_ROUNDING * eps * abs(f_star) / (f0 - f_star)
+    e = math.floor(math.log10(smallest)) - 1
+    smallest = (
+        math.ceil(smallest / 10**e) * 10**e
+    )  # two digits, rounded up: the value printed passes
     raise OptionError(
         f"tol={tol:g}: in {np.dtype(dtype).name} the relative gap (f(x) − f*)/(f(x₀) − f*) cannot be "
         f"resolved below about {smallest:.2g} here (f* = {f_star:.6g}, f(x₀) = {f0:.6g}, ε = {eps:.2g}): "
@@ -602,6 +616,10 @@ def _check_stop_args(num_steps, tol, f_star):
             raise OptionError(
                 f"f_star: expected a real number (the optimal value), got {f_star!r}."
             ) from None
+        if not math.isfinite(f_star):
+            raise OptionError(
+                f"f_star: expected a finite optimal value, got {f_star!r}; pass None where f* is unknown."
+            )
     return num_steps, tol, f_star
 
 
@@ -655,7 +673,9 @@ def run(
         steps cheaper: the unrecorded steps run as an inner loop (more than 8 of them) or one by one,
         and unless the optimizer reads ``value`` (a line search; not ``optax.sgd``/``adam``) their
         losses are never computed. ``History.steps`` lists the recorded steps, and a tolerance is then
-        met at a multiple of ``monitor_every`` (or at the last step).
+        met at a multiple of ``monitor_every`` (or at the last step). Without x64 the costs a line
+        search adds are counted on the device in 32 bits between two records, so the cost of
+        ``monitor_every`` steps must stay below 2³² evaluations (the totals are summed in int64).
       unroll: steps per block of the compiled loop (default 1; rounded up to a multiple of
         ``monitor_every``): the loop's per-iteration bookkeeping (counter, bounds and stop tests, buffer
         write — about a microsecond on a CPU) is paid once per block, at the price of tracing the step
@@ -748,7 +768,10 @@ def run(
         if record:
             gnorms.append(gnorm[:rec])
         if static_cost is None:  # the records are increments since the previous record
-            running = counts[-1][-1] + np.cumsum(cum[:rec].astype(np.int64), axis=0)
+            inc = cum[:rec]
+            if inc.dtype == np.int32:  # without x64: never negative, so read as uint32 (2³² range)
+                inc = inc.view(np.uint32)
+            running = counts[-1][-1] + np.cumsum(inc.astype(np.int64), axis=0)
             counts.append(running)
         else:  # a constant cost per step: the cumulative counts are rebuilt here
             counts.append(at[:, None] * static_cost[None, :])
@@ -940,7 +963,7 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
         }
         if cfg.criterion == "relative_gap":  # as in run(): no step when tol is below the rounding
             floor = _GAP_ROUNDING * jnp.finfo(dt).eps * jnp.abs(f_star)
-            resolvable = init["stop"] | (tol * (f0 - f_star) >= floor)
+            resolvable = init["stop"] | (f0 <= f_star) | (tol * (f0 - f_star) >= floor)
             init["stop"] = init["stop"] | ~resolvable
         else:
             resolvable = jnp.ones((), bool)
@@ -1042,7 +1065,7 @@ def fd_cg(
     cfg = _FdCgConfig(num_steps, step, restart_every, check_decrease, criterion)
 
     dtype = x0.dtype
-    cache_key = (id(fn), cfg, _signature(params))
+    cache_key = (id(fn), cfg, _signature(params), bool(jax.config.jax_enable_x64))
     hit = _FD_CG_CACHE.get(cache_key)
     scalar = jax.ShapeDtypeStruct((), dtype)
     if hit is not None:

@@ -143,6 +143,9 @@ def test_one_entry_gets_a_factor_hint_only_for_a_telling_ratio():
     assert "a missing factor 2?" in half.message
     flipped = checks.gradient(f, x, reference=lambda x: -3 * x**2)
     assert "sign flipped" in flipped.message
+    # a subnormal gradient against 1: the ratio overflows, no hint (and no crash)
+    tiny = checks.gradient(lambda z: 1e-310 * jnp.sum(z), x, reference=lambda z: jnp.ones(1))
+    assert not tiny.ok and "factor" not in tiny.message
 
 
 def test_bad_steps_name_the_argument():

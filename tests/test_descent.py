@@ -1,6 +1,8 @@
 """The descent engine: GD against the theory and ANCHORS, compile-once, stopping, costs, errors."""
 
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -343,6 +345,16 @@ def test_a_tolerance_below_the_float32_rounding_is_an_error():
         descent.run(p.loss, p.init, local_exact, opt, tol=1e-12, **common)
     with pytest.raises(OptionError, match=match):
         descent.fd_cg(p.loss, p.init, tol=1e-12, f_star=p.min_value, num_steps=50)
+    # the tolerance the message suggests is accepted
+    with pytest.raises(OptionError) as err:
+        descent.run(p.loss, p.init, local_exact, opt, tol=1e-9, **common)
+    suggested = float(re.search(r"Use tol ≥ ([0-9.e+\-]+)", str(err.value)).group(1))
+    assert descent.run(p.loss, p.init, local_exact, opt, tol=suggested, **common).steps_run > 0
+    # a start below f* is not this error (f* is then no lower bound; the run goes on as before)
+    below = descent.run(p.loss, p.init, local_exact, opt, tol=2.0, **{**common, "f_star": 1e3})
+    assert below.steps_run == common["num_steps"] and below.steps_to_tol is None
+    with pytest.raises(OptionError, match="f_star: expected a finite optimal value, got nan"):
+        descent.run(p.loss, p.init, local_exact, opt, tol=1e-3, **{**common, "f_star": math.nan})
     # float64: the same problem resolves 1e-12
     p64 = problems.make("quadratic", jax.random.key(0))
     h = descent.run(p64.loss, p64.init, local_exact, opt, tol=1e-12, **common)
@@ -380,6 +392,21 @@ def test_costs_do_not_wrap_in_int32_without_x64():
         check=False,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_the_compiled_cache_follows_the_x64_setting():
+    """The same fn/strategy/optimizer run with x64 off and then inside `with jax.enable_x64(False)`
+    ... and back: the executables are cached per x64 setting (a cached float64 executable fed float32
+    arrays used to raise 'Argument types differ')."""
+    f = lambda x: jnp.sum((x - 1.0) ** 2)  # noqa: E731
+    opt = optax.sgd(0.1)
+    a = descent.run(f, jnp.zeros(3), local_exact, opt, key=jax.random.key(0), num_steps=5)
+    with jax.enable_x64(False):
+        b = descent.run(
+            f, jnp.zeros(3, jnp.float32), local_exact, opt, key=jax.random.key(0), num_steps=5
+        )
+    assert a.loss.dtype == np.float64 and b.loss.dtype == np.float32
+    np.testing.assert_allclose(b.loss, a.loss, rtol=1e-6)
 
 
 def test_dict_params_mlp_runs():
