@@ -18,3 +18,26 @@ def seed(request):
 @pytest.fixture
 def key(seed):
     return jax.random.key(seed)
+
+
+@pytest.fixture
+def python_without_x64():
+    """``run(code, timeout)``: run ``code`` in a fresh Python with x64 off (the JAX default, which this
+    process cannot return to) and assert that it exits 0 and prints ``ok`` last."""
+    import os
+    import subprocess
+    import sys
+
+    def run(code: str, timeout: float = 120) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+    return run

@@ -1,10 +1,7 @@
 """The descent engine: GD against the theory and ANCHORS, compile-once, stopping, costs, errors."""
 
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from typing import NamedTuple
 
@@ -361,7 +358,7 @@ def test_a_tolerance_below_the_float32_rounding_is_an_error():
     assert h.steps_to_tol is not None
 
 
-def test_costs_do_not_wrap_in_int32_without_x64():
+def test_costs_do_not_wrap_in_int32_without_x64(python_without_x64):
     """Without x64 the device counts are int32: a cost that varies per step (a line search) is
     recorded per record and summed on the host in int64, so 10⁹ JVPs a step add up past 2³¹."""
     code = textwrap.dedent(
@@ -382,16 +379,7 @@ def test_costs_do_not_wrap_in_int32_without_x64():
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    python_without_x64(code, timeout=120)
 
 
 def test_the_compiled_cache_follows_the_x64_setting():

@@ -728,7 +728,7 @@ def test_summary_counts_runs_that_missed_tol(tmp_path):
     assert "not reached (>5)" in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_lab_run_leaves_the_sessions_x64_setting_alone(tmp_path):
+def test_lab_run_leaves_the_sessions_x64_setting_alone(tmp_path, python_without_x64):
     """Runs execute with x64 enabled, scoped to each run: a session with x64 off (the JAX default)
     that validates and runs a float64 config keeps x64 off, and env.json records what the runs saw."""
     code = textwrap.dedent(
@@ -746,13 +746,4 @@ def test_lab_run_leaves_the_sessions_x64_setting_alone(tmp_path):
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    python_without_x64(code, timeout=300)
