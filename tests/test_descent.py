@@ -271,11 +271,16 @@ def test_lbfgs_counts_linesearch_evaluations():
 def _hand_linesearch_counts(fn, x, opt, num_steps, zoom):
     """Cumulative (function evaluations, gradients) of an exact-gradient optax loop run by hand: one
     gradient per step for the estimate, plus the line search's own count read from its state."""
-    state, fe, gr = opt.init(x), [0], [0]
-    for _ in range(num_steps):
+
+    @jax.jit  # one compiled step (eager optax line searches take seconds per step)
+    def step(x, state):
         v, g = jax.value_and_grad(fn)(x)
         u, state = opt.update(g, state, x, value=v, grad=g, value_fn=fn)
-        x = optax.apply_updates(x, u)
+        return optax.apply_updates(x, u), state
+
+    state, fe, gr = opt.init(x), [0], [0]
+    for _ in range(num_steps):
+        x, state = step(x, state)
         n = int(optax.tree_utils.tree_get(state, "num_linesearch_steps"))
         fe.append(fe[-1] + n)
         gr.append(gr[-1] + 1 + (n if zoom else 0))
