@@ -747,3 +747,34 @@ def test_lab_run_leaves_the_sessions_x64_setting_alone(tmp_path, python_without_
         """
     )
     python_without_x64(code, timeout=300)
+
+
+def test_cpu_info_tells_arm_cores_apart_and_survives_no_proc(monkeypatch):
+    import builtins
+    import io
+
+    from gradlab.lab import runner
+
+    real_open = builtins.open
+    arm = (
+        "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve\nCPU implementer\t: 0x41\n"
+        "CPU architecture: 8\nCPU part\t: 0xd40\n"
+    )
+
+    def fake(text):
+        def open_(path, *args, **kwargs):
+            if path == "/proc/cpuinfo":
+                if text is None:
+                    raise OSError("no /proc")
+                return io.StringIO(text)
+            return real_open(path, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(builtins, "open", fake(arm))
+    info = runner.cpu_info()
+    assert "implementer 0x41, part 0xd40" in info["model"] and info["isa"] == ["asimd", "sve"]
+    monkeypatch.setattr(builtins, "open", fake(None))
+    monkeypatch.setattr(runner.sys, "platform", "linux")
+    info = runner.cpu_info()
+    assert info["isa"] == [] and info["model"]  # platform.processor() or the machine name

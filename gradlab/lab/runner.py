@@ -119,7 +119,8 @@ _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_til
 
 def cpu_info() -> dict[str, Any]:
     """The host CPU's model and the vector extensions XLA's CPU backend compiles for (from
-    ``/proc/cpuinfo`` on Linux, else :func:`platform.processor`). Recorded because results are
+    ``/proc/cpuinfo`` on Linux, with the implementer and part numbers on ARM; ``sysctl`` on macOS;
+    else :func:`platform.processor`). Recorded because results are
     bit-for-bit reproducible on the same kind of CPU, not across them: XLA generates code for the
     host's instruction set, and e.g. its vectorised ``pow``/``exp`` differ in the last bit between
     AVX2 and AVX-512.
@@ -127,7 +128,7 @@ def cpu_info() -> dict[str, Any]:
     >>> sorted(cpu_info())
     ['isa', 'model']
     """
-    model, flags = None, set()
+    model, flags, arm = None, set(), {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -137,10 +138,30 @@ def cpu_info() -> dict[str, Any]:
                     model = value.strip() or None
                 elif not flags and key in ("flags", "features"):
                     flags = set(value.split())
+                elif key in ("cpu implementer", "cpu part") and key not in arm:
+                    arm[key] = value.strip()  # ARM Linux names no model: these tell the cores apart
                 if model is not None and flags:
                     break
     except OSError:
         pass
+    if model is None and arm:
+        model = f"{platform.machine()} (implementer {arm.get('cpu implementer', '?')}, part " + (
+            f"{arm.get('cpu part', '?')})"
+        )
+    if model is None and sys.platform == "darwin":
+        try:
+            model = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=False,
+                ).stdout.strip()
+                or None
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
     return {
         "model": model or platform.processor() or platform.machine() or None,
         "isa": [f for f in _ISA_FLAGS if f in flags],
