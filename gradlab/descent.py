@@ -505,9 +505,7 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             # the loss rounds onto (or under) f* and the test passes by rounding alone (float32: a
             # tol of 1e-12 "reached" at a true gap of 3e-7). Where it does not, no step is run and
             # the driver raises, naming the smallest tolerance that can be resolved.
-            floor = _GAP_ROUNDING * jnp.finfo(dtype).eps * jnp.abs(f_star)
-            # (f(x₀) ≤ f*: f* is no lower bound here, and the run goes on as it always did)
-            resolvable = stop0 | (loss0 <= f_star) | (tol * (loss0 - f_star) >= floor)
+            resolvable = stop0 | _gap_resolvable(tol, loss0, f_star)
             end = jnp.where(resolvable, end, jnp.zeros_like(end))
         carry = (params, opt_state, jnp.zeros((3,), count_dtype), pending, stop0)
         carry, bufs, n = segment(carry, key, jnp.zeros((), count_dtype), end, tol, loss0, f_star)
@@ -587,6 +585,14 @@ def clear_cache() -> None:
 
 
 _GAP_ROUNDING = 2.0  # a relative gap is resolvable down to this many ε·|f*| / (f(x₀) − f*)
+
+
+def _gap_resolvable(tol: Any, f0: Any, f_star: Any) -> Any:
+    """Whether the relative gap ``tol`` asks for exceeds the rounding of a loss near ``f*``
+    (``tol·(f₀ − f*) ≥ 2ε|f*|``, in the loss's dtype); true where ``f₀ ≤ f*`` (``f*`` is no lower
+    bound there, and the run goes on as it always did)."""
+    floor = _GAP_ROUNDING * jnp.finfo(f0.dtype).eps * jnp.abs(f_star)
+    return (f0 <= f_star) | (tol * (f0 - f_star) >= floor)
 
 
 def _raise_unresolvable(tol: float, f_star: float, f0: float, dtype: Any) -> None:
@@ -928,7 +934,6 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
             gnorm = jnp.linalg.norm(g_n).astype(dt)
             k = c["k"] + 1
             step_evals = jnp.asarray(evals + extra, count_dtype)
-            evals_total = c["evals"] + step_evals
             i = k - 1
             return {
                 "x": x_n,
@@ -938,7 +943,6 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
                 "fx": loss,
                 "since": since,
                 "k": k,
-                "evals": evals_total,
                 "stop": stop_test(loss, gnorm),
                 "loss": c["loss"].at[i].set(loss),
                 "gnorm": c["gnorm"].at[i].set(gnorm),
@@ -955,15 +959,13 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
             "fx": f0,
             "since": jnp.zeros((), jnp.int32),
             "k": jnp.zeros((), jnp.int32),
-            "evals": jnp.asarray(d + 1, count_dtype),  # f(x_0) and the FD gradient at x_0
             "stop": stop_test(f0, gnorm0),
             "loss": jnp.zeros((cap,), dt),
             "gnorm": jnp.zeros((cap,), dt),
             "counts": jnp.zeros((cap,), count_dtype),
         }
         if cfg.criterion == "relative_gap":  # as in run(): no step when tol is below the rounding
-            floor = _GAP_ROUNDING * jnp.finfo(dt).eps * jnp.abs(f_star)
-            resolvable = init["stop"] | (f0 <= f_star) | (tol * (f0 - f_star) >= floor)
+            resolvable = init["stop"] | _gap_resolvable(tol, f0, f_star)
             init["stop"] = init["stop"] | ~resolvable
         else:
             resolvable = jnp.ones((), bool)
@@ -1095,7 +1097,9 @@ def fd_cg(
     # in the loss's dtype, as run() records it
     loss = np.concatenate([np.asarray(f0)[None], np.asarray(loss[:n])])
     gnorm = np.concatenate([np.asarray(gnorm0)[None], np.asarray(gnorm[:n])])
-    evals = np.concatenate([[0], x0.size + 1 + np.cumsum(np.asarray(counts[:n], np.int64))])
+    evals = np.concatenate(
+        [[0], x0.size + 1 + np.cumsum(np.asarray(counts[:n], np.int64))]
+    )  # d + 1: f(x₀) and its FD gradient
     zeros = np.zeros_like(evals)
 
     steps_to_tol = diverged_step = None

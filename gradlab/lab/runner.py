@@ -15,6 +15,7 @@ argv), ``report.md``, ``report.html`` and ``figures/``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -227,6 +228,7 @@ def dumps(obj: Any, *, compact: bool = False) -> str:
     return json.dumps(obj, indent=1, allow_nan=False) + "\n"
 
 
+@functools.cache  # fixed for a process: read once, not per run
 def _machine() -> dict[str, Any]:
     """What a finished run must share with this process to be reused: the backend, the device kind
     and count (a sweep run on 4 devices is not reused on 1), ``XLA_FLAGS`` and, on the CPU backend,
