@@ -14,6 +14,13 @@ reverse mode (``jax.grad``), which is the baseline:
   Martins, Sturdza & Alonso 2003);
 - ``"reference"``: the user's closed-form gradient (a value, or a callable ``reference(x)``).
 
+**Precision.** Every check runs with float32 matrix products in full float32
+(``jax.default_matmul_precision("highest")``, seen by ``f`` when it is traced): on GPUs JAX's default
+multiplies float32 matrices in TF32 (relative error 3e-4 on an H100, 1.5e-7 in full float32), which the
+float32 tolerances below do not allow for. On CPUs the setting changes nothing. Off the CPU the
+complex step runs one coordinate at a time: vmapped, XLA:GPU (jax 0.11.2, H100) lost its imaginary
+part through the first layer of the ``mlp`` problem.
+
 Steps are scaled per coordinate, ``h_i = δ·max(1, |x_i|)``, and made exactly representable
 (``h_i = (x_i + h_i) − x_i``), as in Nocedal & Wright §8.1. :func:`step_sweep` measures the V-shaped
 error-vs-step curve behind the choice of ``δ``; :func:`hvp` checks a Hessian-vector product against
@@ -108,6 +115,18 @@ _FD_WEAK_TOL = 0.1  # a difference tolerance beyond this cannot vouch for a grad
 _CHUNK = 4  # coordinates per vmapped batch (×5 difference points = 20): batched LAPACK deadlocked
 # at ≳ 30 in jaxlib 0.10.2 on CPU, so batches stay below that there
 _CHUNK_ACCELERATOR = 64  # on a GPU/TPU: wide batches keep the device busy (no CPU LAPACK involved)
+
+
+def _full_precision(fn: Callable) -> Callable:
+    """Run ``fn`` under ``jax.default_matmul_precision("highest")`` (a thread-local setting: worker
+    threads need their own)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _chunk() -> int:
@@ -487,12 +506,15 @@ def _ok(err: float, tol: float) -> str:
     return "ok" if err <= tol else "FAIL"
 
 
-def _map_coords(body: Callable, n: int) -> Any:
-    """``body(i)`` for ``i = 0..n-1``, vmapped over chunks of ``_CHUNK`` coordinates inside a scan.
+def _map_coords(body: Callable, n: int, *, one_at_a_time: bool = False) -> Any:
+    """``body(i)`` for ``i = 0..n-1``, vmapped over chunks of ``_CHUNK`` coordinates inside a scan
+    (``one_at_a_time``: a plain scan, no vmap).
 
     The index list is padded to a multiple of the chunk, so the body is compiled once (lax.map would
     compile a second copy for a remainder).
     """
+    if one_at_a_time:
+        return jax.lax.map(body, jnp.arange(n))
     b = min(_chunk(), n)
     idx = jnp.minimum(jnp.arange(-(-n // b) * b), n - 1)
     out = jax.lax.map(body, idx, batch_size=b)
@@ -580,7 +602,10 @@ def _core_impl(
 
     hessian = hvp_fn is not None
     if want or hessian:
-        res = _map_coords(body, n)
+        # XLA:GPU (jax 0.11.2, H100) lost the imaginary part of a *vmapped* complex step through the
+        # MLP problem's first layer (48 of 98 entries 0); one coordinate at a time it was exact
+        lone = "complex_step" in want and jax.default_backend() != "cpu"
+        res = _map_coords(body, n, one_at_a_time=lone)
         if "forward" in want:
             out["forward"] = res["forward"]
         if names:
@@ -778,6 +803,7 @@ def _tolerances(
     return tol
 
 
+@_full_precision
 def gradient(
     f: Callable[[Any], Any],
     x: Any,
@@ -1152,6 +1178,7 @@ def _fit_v(hs: np.ndarray, errs: np.ndarray, p: int) -> tuple[float, float, floa
     return h_best, a, b
 
 
+@_full_precision
 def step_sweep(
     f: Callable[[Any], Any],
     x: Any,
@@ -1305,6 +1332,7 @@ from gradlab.curvature import _HVP as _HVP_FNS  # noqa: E402
 _DENSE_ONLY = "dense"  # _core: only the dense H·v (the HVP itself was evaluated eagerly)
 
 
+@_full_precision
 def hvp(
     f: Callable[[Any], Any],
     x: Any,
@@ -1572,6 +1600,7 @@ class CatalogCheck:
         return self.table()
 
 
+@_full_precision
 def _catalog_row(problems: Any, name: str, subkey: Any, dtype: Any, methods: Any) -> CatalogRow:
     """Make problem ``name``, check it in one compiled function, and summarise it in a row."""
     t0 = time.perf_counter()
@@ -1617,6 +1646,7 @@ def _catalog_row(problems: Any, name: str, subkey: Any, dtype: Any, methods: Any
     )
 
 
+@_full_precision
 def catalog(
     names: Sequence[str] | str | None = None,
     /,

@@ -5,7 +5,7 @@ A chain ``x_{i+1} = layer(p_i, x_i)``, ``i = 0 … L−1``, with the layer param
 *tape* of every layer (the residuals its VJP reads) in reverse order. The seeds' three regimes:
 
 - **vanilla** backprop stores every tape: ``L`` evaluations, memory ``c·L`` activations (``c`` = the tape of one
-  layer in units of one activation; ``c = 3`` for ``tanh(x W + b)`` in JAX: ``x``, ``tanh`` and ``1 − tanh``);
+  layer in units of one activation; ``c = 3`` for ``tanh(x W + b)`` on XLA:CPU: ``x``, ``tanh`` and ``1 − tanh``; 2 on XLA:GPU);
 - **memory-poor** backprop stores nothing and recomputes every state from ``x_0``: ``L(L+1)/2`` evaluations;
 - **checkpointed** backprop stores some states (*snapshots*) and recomputes the rest from the nearest one.
 
@@ -1073,7 +1073,8 @@ def _dims(text: str) -> tuple[int, ...]:
 
 
 def _split_instr(rest: str):
-    """(dims or None for tuples, opcode, operand text, attribute text) of an instruction's right side."""
+    """(dims or None for tuples, opcode, operand text, attribute text, dims of the result or of its first
+    tuple element) of an instruction's right side."""
     if rest.startswith("("):
         depth = 0
         end = 0
@@ -1082,12 +1083,15 @@ def _split_instr(rest: str):
             depth -= ch == ")"
             if depth == 0:
                 break
+        first = re.match(r"\s*[a-z][a-z0-9]*\[([0-9,]*)\]", rest[1:end])
+        head = _dims(first.group(1)) if first else None
         dims, rest = None, rest[end + 1 :].lstrip()
     else:
         m = _ARRAY.match(rest)
         if not m:
             return None
         dims, rest = _dims(m.group(1)), rest[m.end() :]
+        head = dims
     m = re.match(r"([a-z][a-z0-9\-]*)\(", rest)
     if not m:
         return None
@@ -1097,7 +1101,7 @@ def _split_instr(rest: str):
         depth -= rest[j] == ")"
         if depth == 0:
             break
-    return dims, m.group(1), rest[m.end() : j], rest[j + 1 :]
+    return dims, m.group(1), rest[m.end() : j], rest[j + 1 :], head
 
 
 # ops whose work the HLO count cannot see (library calls and algorithms with data-dependent cost)
@@ -1106,29 +1110,66 @@ _GEMM_TARGETS = (
     "__cublas$gemm",
     "__cublas$lt$matmul",
 )  # GPU matmuls (and their prefixes' variants)
+# cuDNN convolutions (XLA:GPU emits every `convolution` as one of these): which tensor is the result
+_CUDNN_CONV = {
+    "__cudnn$convForward": "forward",
+    "__cudnn$convBiasActivationForward": "forward",
+    "__cudnn$convBackwardInput": "input",
+    "__cudnn$convBackwardFilter": "filter",
+}
+# XLA:GPU rewrites small dots (matrix–vector) as a multiply and a reduce that keep the dot's name: each
+# such multiply is one multiply-add of the dot (2 dot FLOPs; in `flops`, the multiply and the reduce's add)
+_FROM_DOT = re.compile(r'op_name="[^"]*dot_general"')
 
 
-def _gemm_flops(operands: str, attrs: str, table: Mapping[str, tuple[int, ...]]) -> float | None:
-    """``2 × lhs elements × rhs free elements`` of a cuBLAS GEMM custom call (GPU: XLA emits most
-    ``dot``s as these), from its operands' shapes and the ``dot_dimension_numbers`` of its
-    ``backend_config``; ``None`` where it is not one or cannot be read (then it stays uncounted)."""
+def _library_flops(
+    operands: str, attrs: str, head: tuple[int, ...] | None, table: Mapping[str, tuple[int, ...]]
+) -> tuple[float, float] | None:
+    """(FLOPs, dot FLOPs) of a GPU library call that ``hlo_flops`` can count from shapes; ``None`` for
+    any other custom call (it then stays uncounted).
+
+    - cuBLAS GEMMs (``__cublas$gemm``, ``__cublas$lt$matmul``): ``2 × lhs elements × rhs free
+      elements``, the free dimensions read off ``dot_dimension_numbers`` in the ``backend_config``.
+    - cuDNN convolutions (``__cudnn$conv…``): ``2 × |output| × |filter| / O`` — each of the ``|output|``
+      entries of the *forward* convolution is a dot product over one output feature's ``|filter|/O``
+      kernel entries (padding included), and the two backward kinds do the same multiply-adds. The
+      forward output and the filter are found by kind: forward ``(input, filter) → output``, backward
+      input ``(output, filter) → input``, backward filter ``(input, output) → filter``; ``O`` is the
+      filter's ``o`` dimension in ``dim_labels``. A fused bias-activation adds one FLOP per output
+      entry.
+    """
     target = re.search(r'custom_call_target="([^"]+)"', attrs)
-    if not target or not target.group(1).startswith(_GEMM_TARGETS):
+    if not target:
         return None
     args = re.findall(r"%([\w.\-]+)", operands)
-    if len(args) < 2 or args[0] not in table or args[1] not in table:
-        return None
+    known = len(args) >= 2 and args[0] in table and args[1] in table
+    if target.group(1).startswith(_GEMM_TARGETS) and known:
 
-    def dims(field: str) -> list[int] | None:
-        m = re.search(rf'"{field}":\[([^\]]*)\]', attrs)
-        return None if m is None else [int(v) for v in re.findall(r"\d+", m.group(1))]
+        def dims(field: str) -> list[int] | None:
+            m = re.search(rf'"{field}":\[([^\]]*)\]', attrs)
+            return None if m is None else [int(v) for v in re.findall(r"\d+", m.group(1))]
 
-    rc, rb = dims("rhs_contracting_dimensions"), dims("rhs_batch_dimensions")
-    if rc is None or rb is None:
+        rc, rb = dims("rhs_contracting_dimensions"), dims("rhs_batch_dimensions")
+        if rc is None or rb is None:
+            return None
+        lhs, rhs = table[args[0]], table[args[1]]
+        rhs_free = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+        f = 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
+        return f, f
+    kind = _CUDNN_CONV.get(target.group(1))
+    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", attrs)
+    if kind is None or not known or head is None or labels is None or "o" not in labels.group(1):
         return None
-    lhs, rhs = table[args[0]], table[args[1]]
-    rhs_free = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
-    return 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
+    out, filt = {
+        "forward": (head, table[args[1]]),
+        "input": (table[args[0]], table[args[1]]),
+        "filter": (table[args[1]], head),
+    }[kind]
+    if len(filt) != len(labels.group(1)):
+        return None
+    f = 2.0 * float(np.prod(out)) * float(np.prod(filt)) / filt[labels.group(1).index("o")]
+    bias = float(np.prod(out)) if target.group(1).endswith("BiasActivationForward") else 0.0
+    return f + bias, f
 
 
 def hlo_flops(hlo_text: str) -> dict[str, Any]:
@@ -1141,10 +1182,12 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
     while loops (body and condition × trip count; a loop without a known trip count is counted once
     and reported in ``unknown_trip_counts``). Transcendentals (``tanh``, ``exp``, …) are not FLOPs, as
     in XLA's cost analysis. Work this count cannot see — library calls (``custom-call``: LAPACK's
-    Cholesky, QR, eigh, SVD on CPU; cuDNN on GPU), ``fft``, ``triangular-solve``, ``sort`` — is
+    Cholesky, QR, eigh, SVD on CPU; cuSOLVER on GPU), ``fft``, ``triangular-solve``, ``sort`` — is
     listed by op name in ``uncounted``, so a ratio built on ``flops`` can say what it leaves out. The
-    exception: cuBLAS GEMM custom calls (most ``dot``s on a GPU) are counted as dots, from their
-    operands' shapes and ``dot_dimension_numbers``.
+    exceptions, on a GPU: cuBLAS GEMM calls are counted as dots (from their operands' shapes and
+    ``dot_dimension_numbers``), cuDNN convolutions as convolutions (forward, backward input and
+    backward filter alike), Triton GEMM fusions by the ``dot`` inside them, and the multiply + reduce
+    that XLA:GPU makes of a small dot (both keep the ``dot_general`` name) as that dot.
     Returns ``flops``, ``dot_flops`` (dots and convolutions), ``unknown_trip_counts`` and
     ``uncounted``.
 
@@ -1187,10 +1230,10 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
         parsed = _split_instr(mi.group(2))
         if parsed is None:
             continue
-        dims, op, operands, attrs = parsed
+        dims, op, operands, attrs, head = parsed
         if dims is not None:
             shapes[current][mi.group(1)] = dims
-        comps[current].append((dims, op, operands, attrs))
+        comps[current].append((dims, op, operands, attrs, head))
 
     memo: dict[str, tuple[float, float, int, frozenset]] = {}
 
@@ -1202,12 +1245,12 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
         unknown = 0
         missed: set[str] = set()
         table = shapes.get(name, {})
-        for dims, op, operands, attrs in comps.get(name, []):
+        for dims, op, operands, attrs, head in comps.get(name, []):
             n_out = float(np.prod(dims)) if dims is not None else 0.0
-            gemm = _gemm_flops(operands, attrs, table) if op == "custom-call" else None
-            if gemm is not None:
-                total += gemm
-                dots += gemm
+            lib = _library_flops(operands, attrs, head, table) if op == "custom-call" else None
+            if lib is not None:
+                total += lib[0]
+                dots += lib[1]
             elif op in _UNCOUNTED:
                 missed.add(op)
             elif op == "convolution":
@@ -1231,6 +1274,10 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
                 dots += 2 * n_out * k
             elif op in _ELEMENTWISE:
                 total += n_out
+                if op == "multiply" and _FROM_DOT.search(
+                    attrs
+                ):  # a dot rewritten as multiply + reduce
+                    dots += 2 * n_out
             elif op == "reduce":
                 src = re.findall(r"%([\w.\-]+)", operands)
                 total += float(np.prod(table.get(src[0], ()))) if src else 0.0

@@ -599,6 +599,7 @@ def test_catalog_reports_a_wrong_problem_and_a_broken_one(monkeypatch):
 def test_difference_batches_are_wide_off_the_cpu(monkeypatch):
     """Chunks of 4 coordinates on the CPU backend (batched LAPACK deadlocked beyond ~30 there), 64
     elsewhere; the numbers do not depend on the chunking."""
+    monkeypatch.setattr(checks.jax, "default_backend", lambda: "cpu")
     assert checks._chunk() == 4
     x = jnp.linspace(0.1, 1.0, 11)
     cpu = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)
@@ -607,3 +608,44 @@ def test_difference_batches_are_wide_off_the_cpu(monkeypatch):
     wide = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)  # a new f: traced again
     for m in cpu.errors:
         assert wide.errors[m] == pytest.approx(cpu.errors[m], rel=1e-6, abs=1e-18), m
+
+
+def test_checks_trace_f_with_full_float32_matrix_products():
+    """The checks hold float32 results to float32 tolerances, so they run f with float32 matrix
+    products in full precision (a GPU's default is TF32), also under a coarser user setting and in
+    the catalog's worker threads."""
+    seen = []
+
+    def f(x):
+        seen.append(str(jax.config.jax_default_matmul_precision))
+        return jnp.sum(jnp.sin(x) * x)
+
+    x = jnp.array([0.5, -1.0, 2.0])
+    with jax.default_matmul_precision("bfloat16"):
+        assert checks.gradient(f, x).ok
+        assert checks.hvp(f, x, "fwd_rev", key=jax.random.key(0)).ok
+        checks.step_sweep(f, x, key=jax.random.key(1))
+        assert str(jax.config.jax_default_matmul_precision) == "bfloat16"
+    assert seen and set(seen) == {"highest"}, seen
+
+
+def test_complex_step_runs_one_coordinate_at_a_time_off_the_cpu(monkeypatch):
+    """Vmapped complex steps lost their imaginary part on XLA:GPU; off the CPU the coordinates go
+    through a plain scan, with the same numbers."""
+    calls = []
+    real = checks._map_coords
+
+    def spy(body, n, **kw):
+        calls.append(kw.get("one_at_a_time", False))
+        return real(body, n, **kw)
+
+    monkeypatch.setattr(checks, "_map_coords", spy)
+    x = jnp.linspace(0.1, 1.0, 7)
+    monkeypatch.setattr(checks.jax, "default_backend", lambda: "cpu")
+    cpu = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x, complex_step=True)
+    monkeypatch.setattr(checks.jax, "default_backend", lambda: "gpu")
+    gpu = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x, complex_step=True)
+    plain = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)  # no complex step: vmapped
+    assert calls == [False, True, False]
+    assert cpu.ok and gpu.ok and plain.ok
+    assert gpu.errors["complex_step"] == pytest.approx(cpu.errors["complex_step"], abs=1e-15)

@@ -948,6 +948,7 @@ def test_hessian_trace_batches_by_backend(monkeypatch):
 
     monkeypatch.setattr(cv, "trace", spy)
     f, x = lambda p: jnp.sum(p**4), jnp.linspace(-1.0, 1.0, 6)
+    monkeypatch.setattr(cv.jax, "default_backend", lambda: "cpu")
     a = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=4)
     monkeypatch.setattr(cv.jax, "default_backend", lambda: "gpu")
     b = cv.hessian_trace(f, x, jax.random.key(0), num_matvecs=4)

@@ -140,6 +140,21 @@ def test_unrolled_blocks_stop_exactly_where_single_steps_do(chunk_size):
     np.testing.assert_allclose(s8.loss, s1.loss, rtol=1e-10)
 
 
+def test_default_unroll_is_one_on_the_cpu_and_eight_elsewhere(monkeypatch):
+    """unroll=None: one step per loop iteration on the CPU backend, blocks of 8 on accelerators (an
+    XLA:GPU iteration reads its predicate back to the host); the stop and the losses do not change."""
+    p = lsq(2)
+    monkeypatch.setattr(descent.jax, "default_backend", lambda: "cpu")
+    assert descent._default_unroll() == 1
+    cpu = gd(p, tol=TOL, num_steps=400)
+    monkeypatch.setattr(descent.jax, "default_backend", lambda: "gpu")
+    assert descent._default_unroll() == 8
+    acc = gd(p, tol=TOL, num_steps=400)
+    assert cpu.steps_to_tol is not None and cpu.steps_to_tol % 8 != 0
+    assert acc.steps_to_tol == cpu.steps_to_tol
+    np.testing.assert_allclose(acc.loss, cpu.loss, rtol=1e-12)
+
+
 def test_unrolled_blocks_detect_divergence_at_its_step():
     p = lsq(3)
     one = gd(p, step=3 / p.smoothness, num_steps=20000, unroll=1)

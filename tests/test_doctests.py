@@ -5,6 +5,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import jax
 import pytest
 
 import gradlab
@@ -16,6 +17,14 @@ MODULES = sorted(
     if "__main__" not in m.name
 )
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu_device():
+    """The examples print what they print on XLA:CPU (memory, FLOPs, chunking): run them there, also
+    on a machine with an accelerator."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 from gradlab import cli, lab
@@ -269,7 +270,11 @@ def test_report_files(tmp_path):
     ):
         assert (out / name).is_file(), name
     env = json.loads((out / "env.json").read_text())
-    assert env["backend"] == "cpu" and env["devices"]["count"] >= 1 and env["x64"] is True
+    assert (
+        env["backend"] == jax.default_backend()
+        and env["devices"]["count"] >= 1
+        and env["x64"] is True
+    )
     assert env["jax"] and env["jaxlib"] and env["python"] and "argv" in env
     assert env["cpu"]["model"] and isinstance(env["cpu"]["isa"], list)
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
@@ -778,3 +783,18 @@ def test_cpu_info_tells_arm_cores_apart_and_survives_no_proc(monkeypatch):
     monkeypatch.setattr(runner.sys, "platform", "linux")
     info = runner.cpu_info()
     assert info["isa"] == [] and info["model"]  # platform.processor() or the machine name
+
+
+def test_rerender_keeps_point_metrics_named_error(tmp_path):
+    """A gradient check's points carry an ``error`` metric, the name a failed run's message has in
+    results.json; re-rendering must keep it (a regression: ``gradlab report`` raised KeyError)."""
+    cfg = lab.parse({"kind": "gradcheck", "name": "g", "gradcheck": {"problem": ["quadratic"]}})
+    made = lab.run(cfg, out=tmp_path / "g")
+    before = (made.out / "report.md").read_text()
+    rows = json.loads((made.out / "results.json").read_text())
+    runs = json.loads((made.out / "runs.json").read_text())
+    joined = R.join(runs, rows)
+    assert joined and all(p["error"] >= 0 for run in joined for p in run["points"])
+    again = lab.rerender(made.out)
+    assert again.ok and again.num_computed == 0
+    assert (made.out / "report.md").read_text() == before

@@ -261,6 +261,9 @@ def parse(
     Traceback (most recent call last):
     ...
     gradlab.lab.config.ConfigError: descent.num_steps: expected an integer ≥ 1, got 0.
+
+    Reference: pydantic v2 documentation, "Models" and "Validation errors" (the field-path ``loc`` of
+    each error, which the messages above name as ``section.field``).
     """
     from gradlab.lab import kinds
 
@@ -335,6 +338,22 @@ def load(path: str | Path, *, deep: bool = True):
     Raises :class:`ConfigError` for a missing file, a TOML syntax error (with line and column) or any
     invalid field. ``deep=False`` skips the kind's instance checks (building every problem and
     strategy), which :func:`gradlab.lab.run` does itself only when some run must be computed.
+
+    >>> import pathlib, tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = pathlib.Path(d) / "my sweep.toml"
+    ...     _ = path.write_text('kind = "gradcheck"\\n[gradcheck]\\nproblem = ["quadratic"]\\n')
+    ...     cfg = load(path)
+    ...     _ = path.write_text('kind = "gradcheck"\\n[gradcheck\\n')
+    ...     try:
+    ...         load(path)
+    ...     except ConfigError as e:
+    ...         print("TOML syntax error" in str(e))
+    True
+    >>> cfg.experiment.name  # the file's stem, made safe for a folder name
+    'my_sweep'
+
+    Reference: Python's ``tomllib`` (TOML 1.0, https://toml.io/en/v1.0.0); :func:`parse`.
     """
     p = Path(path)
     try:

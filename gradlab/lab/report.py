@@ -325,17 +325,20 @@ def run_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def join(run_records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Rebuild full run records (with points) from ``runs.json`` and ``results.json``."""
+    """Rebuild full run records (with points) from ``runs.json`` and ``results.json``.
+
+    The inverse of :func:`tidy` + :func:`run_rows`. A run without points has one row that carries its
+    error message under ``error``; a point may have an ``error`` metric of its own (a gradient check's
+    relative error), so ``error`` is kept in the points of every run that has points.
+    """
     point_keys: dict[str, list[dict]] = {}
     for run in run_records:
         point_keys[run["id"]] = []
-    base_keys = {
-        k for run in run_records for k in (*parameters(run), *(run.get("timing") or {}), "error")
-    }
+    base_keys = {k for run in run_records for k in (*parameters(run), *(run.get("timing") or {}))}
     for r in rows:
         if r["run_id"] in point_keys:
             p = {k: v for k, v in r.items() if k not in base_keys}
-            if p:
+            if p and not (p.keys() == {"error"} and not isinstance(p["error"], int | float)):
                 point_keys[r["run_id"]].append(p)
     return [{**run, "points": point_keys[run["id"]]} for run in run_records]
 

@@ -52,7 +52,16 @@ FINISHED = ("ok", "diverged")
 
 
 def source_fingerprint() -> str:
-    """SHA-256 over every ``.py`` file of the installed gradlab package (relative path and bytes)."""
+    """SHA-256 over every ``.py`` file of the installed gradlab package (relative path and bytes): part
+    of every :func:`run_id`, so a change to any of gradlab's code recomputes the runs (a stale cache
+    never passes for a fresh result).
+
+    >>> fp = source_fingerprint()
+    >>> len(fp), fp == source_fingerprint()
+    (64, True)
+
+    Reference: benchopt's cache, which keys on the benchmark's files (Moreau et al., NeurIPS 2022).
+    """
     import gradlab
 
     root = Path(gradlab.__file__).parent
@@ -171,7 +180,16 @@ def cpu_info() -> dict[str, Any]:
 
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """What a reader needs to trust or reproduce a report: versions, backend, devices, precision flags,
-    ``XLA_FLAGS``, the git commit, the CPU (:func:`cpu_info`) and the command line."""
+    ``XLA_FLAGS``, the git commit, the CPU (:func:`cpu_info`) and the command line (``env.json``).
+
+    >>> import jax
+    >>> env = environment(["gradlab", "run", "configs/quickstart.toml"])
+    >>> env["backend"] == jax.default_backend(), env["jax"] == jax.__version__, env["argv"][1]
+    (True, True, 'run')
+
+    Reference: the JAX documentation, "Default dtypes and the X64 flag" and ``jax.devices``; the
+    benchopt and MLPerf practice of publishing the software and hardware with every result.
+    """
     import jax
 
     import gradlab
@@ -538,6 +556,27 @@ def run(
     Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config, and
     :class:`GradlabError` if ``out`` is a file, not writable, or a non-empty folder that gradlab did
     not make.
+
+    Each run is content-addressed (:func:`run_id`: its spec, gradlab's source and JAX's version) and
+    written atomically to ``out/runs/<id>/result.json``, so an interrupted sweep resumes where it
+    stopped and a finished one is reused:
+
+    >>> import pathlib, tempfile
+    >>> from gradlab import lab
+    >>> cfg = lab.parse({"kind": "descent", "name": "doc", "descent": {
+    ...     "num_steps": 200, "tol": 1e-6, "problem": [{"name": "quadratic", "dim": 4}],
+    ...     "strategy": [{"name": "exact"}, {"name": "central_difference"}]}})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     first = lab.run(cfg, out=pathlib.Path(d) / "doc")
+    ...     again = lab.run(cfg, out=pathlib.Path(d) / "doc")
+    ...     files = sorted(p.name for p in first.out.iterdir())
+    >>> first.ok, first.num_runs, first.num_computed, again.num_reused, again.num_computed
+    (True, 2, 2, 2, 0)
+    >>> [f for f in files if f.startswith(("report", "results", "env", "config"))]
+    ['config.json', 'env.json', 'report.html', 'report.md', 'results.json']
+
+    Reference: benchopt (Moreau et al., NeurIPS 2022), whose cache and resumable runs this follows;
+    joblib's ``Parallel`` (loky backend) for ``jobs > 1``; submitit for SLURM.
     """
     from gradlab.lab.config import load, raise_errors
 
@@ -643,7 +682,22 @@ def run(
 
 def rerender(out: str | Path) -> Sweep:
     """Re-render the report of folder ``out`` from its ``config.json``, ``env.json`` and the run
-    results listed in ``results.json`` (nothing is recomputed)."""
+    results listed in ``results.json`` (nothing is recomputed): after a change to the report code,
+    or to render a folder made elsewhere (``gradlab report DIR`` on the command line).
+
+    >>> import pathlib, tempfile
+    >>> from gradlab import lab
+    >>> cfg = lab.parse({"kind": "gradcheck", "name": "doc", "gradcheck": {"problem": ["quadratic"]}})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     made = lab.run(cfg, out=pathlib.Path(d) / "doc")
+    ...     (made.out / "report.md").unlink()
+    ...     again = lab.rerender(made.out)
+    ...     back = (made.out / "report.md").exists()
+    >>> again.num_computed, again.num_runs == made.num_runs, back
+    (0, True, True)
+
+    Reference: :func:`run`; the report files are written atomically (:func:`gradlab.lab.report.atomic_write`).
+    """
     out = Path(out)
     missing = [f for f in ("config.json", "results.json", "runs.json") if not (out / f).exists()]
     if missing:
