@@ -1,7 +1,7 @@
 """Threefry keys drawn through an unrolled hash: the same bits as ``jax.random``, without the rolled loop.
 
 JAX 0.10 lowers the Threefry-2x32 hash of its default key on CPU as a *rolled* ``fori_loop`` of five
-iterations (``jax/_src/random/threefry2x32.py``; upstream moved to unrolled loops in jax-ml/jax#37872).
+iterations (``jax/_src/random/threefry2x32.py``; JAX 0.11.2's CPU lowering still uses the rolled loop).
 On XLA's CPU thunk runtime every loop iteration pays a fixed cost and the loop blocks fusion, so a draw
 costs microseconds however few numbers it makes — ten times an exact gradient step of a small problem,
 and the larger part of a zero-order step (``benchmarks/prng_cost.py``).

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradlab._backend import platform
 from gradlab._validate import (
     NotScalarError,
     OptionError,
@@ -238,10 +239,10 @@ def _check_clock(clock: Any) -> str:
     """``clock`` validated: ``"cpu"`` (the process CPU time) only where JAX computes on the CPU; on a
     GPU or TPU that time misses what the device spends and measures dispatch or spin-waiting."""
     check_choice("clock", clock, _CLOCKS)
-    if clock == "cpu" and jax.default_backend() != "cpu":
+    if clock == "cpu" and platform() != "cpu":
         raise OptionError(
             f"clock: 'cpu' reads the host's process CPU time, which does not see the time the "
-            f"{jax.default_backend()} device spends; use clock='wall' on this backend."
+            f"{platform()} device spends; use clock='wall' on this backend."
         )
     return clock
 

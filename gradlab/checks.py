@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from gradlab._backend import platform
 from gradlab._tree import leaf_paths, tree_random_normal
 from gradlab._validate import (
     OptionError,
@@ -132,7 +133,7 @@ def _full_precision(fn: Callable) -> Callable:
 def _chunk() -> int:
     """Coordinates per vmapped batch of the difference methods: small on the CPU backend (see
     ``_CHUNK``), wide elsewhere, where n/4 sequential small batches would leave the device idle."""
-    return _CHUNK if jax.default_backend() == "cpu" else _CHUNK_ACCELERATOR
+    return _CHUNK if platform() == "cpu" else _CHUNK_ACCELERATOR
 
 
 _COMPLEX_DELTA = 1e-20
@@ -582,6 +583,14 @@ def _core_impl(
         hcs = deltas["complex_step"] * scale
         out["step:complex_step"] = hcs
     names = list(pts)
+    # XLA:GPU (jax 0.11.2, H100) lost the imaginary part of a *vmapped* complex step through the MLP
+    # problem's first layer (48 of 98 entries 0); one coordinate at a time it was exact. Off the CPU
+    # the complex step therefore runs in a scan of its own, the other methods stay vmapped.
+    lone = "complex_step" in want and platform() != "cpu"
+
+    def complex_step(i):
+        z = jax.lax.complex(flat, hcs * (jnp.arange(n) == i).astype(flat.dtype))
+        return jnp.imag(f(unravel_complex(z))) / hcs[i]
 
     def body(i):
         onehot = (jnp.arange(n) == i).astype(flat.dtype)
@@ -595,17 +604,16 @@ def _core_impl(
         if names:
             stacked = jnp.stack([jnp.where(onehot > 0, pts[k], flat) for k in names])
             r["f"] = jax.vmap(ff)(stacked)
-        if "complex_step" in want:
-            z = jax.lax.complex(flat, hcs * onehot)
-            r["complex_step"] = jnp.imag(f(unravel_complex(z))) / hcs[i]
+        if "complex_step" in want and not lone:
+            r["complex_step"] = complex_step(i)
         return r
 
     hessian = hvp_fn is not None
     if want or hessian:
-        # XLA:GPU (jax 0.11.2, H100) lost the imaginary part of a *vmapped* complex step through the
-        # MLP problem's first layer (48 of 98 entries 0); one coordinate at a time it was exact
-        lone = "complex_step" in want and jax.default_backend() != "cpu"
-        res = _map_coords(body, n, one_at_a_time=lone)
+        others = hessian or any(m != "complex_step" for m in want)
+        res = dict(_map_coords(body, n)) if others or not lone else {}
+        if lone:
+            res["complex_step"] = _map_coords(complex_step, n, one_at_a_time=True)
         if "forward" in want:
             out["forward"] = res["forward"]
         if names:

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from gradlab import samplers
+from gradlab._backend import platform
 from gradlab._validate import (
     GradlabError,
     OptionError,
@@ -1533,7 +1534,7 @@ def hessian_trace(
       Hutch++, SOSA 2021; Epperly, Tropp & Webber, XTrace, *SIAM J. Matrix Anal. Appl.* 45 (2024); see
       :func:`trace`.
     """
-    if batch_size is None and jax.default_backend() == "cpu":
+    if batch_size is None and platform() == "cpu":
         batch_size = 1
     return trace(
         hvp_operator(f, x),

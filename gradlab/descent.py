@@ -51,6 +51,7 @@ import optax
 from jax import lax
 
 from gradlab import _prng
+from gradlab._backend import platform, trace_context
 from gradlab._tree import tree_norm
 from gradlab._validate import (
     OptionError,
@@ -564,7 +565,7 @@ def _compiled(fn, strategy, optimizer, cfg: _Config, params, key) -> tuple[_Exec
         cfg,
         _signature(params),
         _signature(key),
-        bool(jax.config.jax_enable_x64),  # a run inside `with jax.enable_x64(...)` compiles anew
+        trace_context(),  # x64, matmul precision, default device: another setting compiles anew
     )
     hit = _CACHE.get(cache_key)
     if hit is not None:
@@ -636,7 +637,7 @@ def _default_unroll() -> int:
     """``DEFAULT_UNROLL`` on the CPU backend, ``ACCELERATOR_UNROLL`` on others. On an H100 (jax 0.11.2,
     least squares d = 100, 1000 exact-gradient steps) one step per loop iteration took 1.9× a
     hand-written ``lax.scan`` and 8 steps per iteration 0.70× (``benchmarks/descent_overhead.py``)."""
-    return DEFAULT_UNROLL if jax.default_backend() == "cpu" else ACCELERATOR_UNROLL
+    return DEFAULT_UNROLL if platform() == "cpu" else ACCELERATOR_UNROLL
 
 
 def run(
@@ -694,8 +695,9 @@ def run(
         ``monitor_every`` steps must stay below 2³² evaluations (the totals are summed in int64).
       unroll: steps per block of the compiled loop (rounded up to a multiple of ``monitor_every``;
         default 1 on the CPU backend, 8 on others): the loop's per-iteration bookkeeping (counter,
-        bounds and stop tests, buffer write — about a microsecond on a CPU; on a GPU also the copy of
-        the loop's predicate to the host, about 10 µs on an H100) is paid once per block, at the price
+        bounds and stop tests, buffer write — about a microsecond on a CPU; on a GPU kernel launches and
+        the read of the loop's predicate on the host: one-step iterations took 12–20 µs on an H100) is
+        paid once per block, at the price
         of tracing the step ``unroll/monitor_every + 1`` times (plus the inner loop's body; compiles
         1.5–3× longer at 8). On a CPU it pays only for cheap steps run many times through one cached
         executable (e.g. ``unroll=8`` for thousands of 5 µs steps). Results do not depend on it beyond
@@ -1079,7 +1081,7 @@ def fd_cg(
     cfg = _FdCgConfig(num_steps, step, restart_every, check_decrease, criterion)
 
     dtype = x0.dtype
-    cache_key = (id(fn), cfg, _signature(params), bool(jax.config.jax_enable_x64))
+    cache_key = (id(fn), cfg, _signature(params), trace_context())
     hit = _FD_CG_CACHE.get(cache_key)
     scalar = jax.ShapeDtypeStruct((), dtype)
     if hit is not None:

@@ -612,8 +612,7 @@ def test_difference_batches_are_wide_off_the_cpu(monkeypatch):
 
 def test_checks_trace_f_with_full_float32_matrix_products():
     """The checks hold float32 results to float32 tolerances, so they run f with float32 matrix
-    products in full precision (a GPU's default is TF32), also under a coarser user setting and in
-    the catalog's worker threads."""
+    products in full precision (a GPU's default is TF32), also under a coarser user setting."""
     seen = []
 
     def f(x):
@@ -646,6 +645,26 @@ def test_complex_step_runs_one_coordinate_at_a_time_off_the_cpu(monkeypatch):
     monkeypatch.setattr(checks.jax, "default_backend", lambda: "gpu")
     gpu = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x, complex_step=True)
     plain = checks.gradient(lambda z: jnp.sum(jnp.sin(z) * z), x)  # no complex step: vmapped
-    assert calls == [False, True, False]
+    assert calls == [False, False, True, False]  # off the CPU: the others vmapped, then the step
     assert cpu.ok and gpu.ok and plain.ok
     assert gpu.errors["complex_step"] == pytest.approx(cpu.errors["complex_step"], abs=1e-15)
+
+
+def test_catalog_workers_check_in_full_float32_matrix_products(monkeypatch):
+    """The precision setting is thread-local: the catalog's worker threads set it themselves (the
+    global setting here is bfloat16, which a thread would otherwise inherit)."""
+    seen = []
+    real = checks._core
+
+    def spy(*args, **kwargs):
+        seen.append(str(jax.config.jax_default_matmul_precision))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "_core", spy)
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "bfloat16")
+    try:
+        out = checks.catalog(["quadratic", "log_det"], key=jax.random.key(0), workers=2)
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+    assert out.ok and seen == ["highest", "highest"], seen

@@ -144,15 +144,52 @@ def test_default_unroll_is_one_on_the_cpu_and_eight_elsewhere(monkeypatch):
     """unroll=None: one step per loop iteration on the CPU backend, blocks of 8 on accelerators (an
     XLA:GPU iteration reads its predicate back to the host); the stop and the losses do not change."""
     p = lsq(2)
+    configs = []
+    real = descent._Config
+
+    def spy(*args):
+        configs.append(real(*args))
+        return configs[-1]
+
+    monkeypatch.setattr(descent, "_Config", spy)
     monkeypatch.setattr(descent.jax, "default_backend", lambda: "cpu")
-    assert descent._default_unroll() == 1
     cpu = gd(p, tol=TOL, num_steps=400)
     monkeypatch.setattr(descent.jax, "default_backend", lambda: "gpu")
-    assert descent._default_unroll() == 8
     acc = gd(p, tol=TOL, num_steps=400)
+    with jax.default_device(jax.devices("cpu")[0]):  # computations on the CPU device: its default
+        dev = gd(p, tol=TOL, num_steps=400)
+    assert [c.unroll for c in configs] == [1, 8, 1]
+    assert dev.steps_to_tol == cpu.steps_to_tol
     assert cpu.steps_to_tol is not None and cpu.steps_to_tol % 8 != 0
     assert acc.steps_to_tol == cpu.steps_to_tol
     np.testing.assert_allclose(acc.loss, cpu.loss, rtol=1e-12)
+
+
+def test_executables_are_not_reused_across_precision_or_device():
+    """The executable cache keys on x64, the default matmul precision (TF32 or full float32 on a GPU)
+    and the default device, as jax.jit's own cache does."""
+    p = lsq(1)
+    opt = optax.sgd(1 / p.smoothness)
+
+    def go(run=descent.run):
+        return run(p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=5)
+
+    go()
+    assert go().compile_time == 0.0  # a hit
+    with jax.default_matmul_precision("bfloat16"):
+        assert go().compile_time > 0
+        assert go().compile_time == 0.0
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert go().compile_time > 0
+    assert go().compile_time == 0.0  # the first executable is still there
+
+    def cg():
+        return descent.fd_cg(p.loss, p.init, num_steps=5)
+
+    cg()
+    assert cg().compile_time == 0.0
+    with jax.default_matmul_precision("bfloat16"):
+        assert cg().compile_time > 0
 
 
 def test_unrolled_blocks_detect_divergence_at_its_step():

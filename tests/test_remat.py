@@ -260,16 +260,23 @@ def test_plan_with_budget_picks_cheapest_that_fits():
 @pytest.fixture
 def xla_cpu():
     """Compile on the CPU device. The memory these tests hold to exact numbers is XLA:CPU's buffer
-    assignment; XLA:GPU assigns buffers differently (on an H100, jax 0.11.2: the tanh layer's tape is
-    2 activations, x and tanh, not 3), which ``calibrate`` reads off the same way there."""
+    assignment; XLA:GPU assigns buffers differently, which ``calibrate`` reads off the same way there."""
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
+
+def jax_tape(layer, params, x):
+    """JAX's own count of the activation-sized residuals one layer saves (``print_saved_residuals``):
+    x, tanh and 1 − tanh for the tanh layer through JAX 0.10; x and 1 − tanh² from JAX 0.11."""
+    p1 = jax.tree.map(lambda a: a[0], params)
+    lines = remat._saved_residual_lines(layer, p1, x)
+    return sum(remat._residual_line_bytes(line) == x.nbytes for line in lines)
 
 
 @pytest.mark.usefixtures("xla_cpu")
 def test_tape_cost():
     params, x = chain_problem(3)
-    assert remat.tape_cost(tanh_layer, params, x) == 3.0
+    assert remat.tape_cost(tanh_layer, params, x) == jax_tape(tanh_layer, params, x) in (2, 3)
     assert remat.tape_cost(tanh_layer, params, x, policy="dots_saveable") == 1.0
 
 
@@ -302,7 +309,7 @@ def test_calibrate_reads_the_tape_and_working_buffers():
     params, x = chain_problem(4, width=MW, batch=MB, dtype=jnp.float32)
     cal = remat.calibrate(tanh_layer, params, x)
     assert cal.activation_bytes == MB * MW * 4
-    assert cal.tape_cost == pytest.approx(3.0, abs=0.05)  # x, tanh, 1 − tanh
+    assert cal.tape_cost == pytest.approx(jax_tape(tanh_layer, params, x), abs=0.05)
     assert cal.working == pytest.approx(3.0, abs=0.3)
     assert cal.single == pytest.approx(2.0, abs=0.1)
     out = remat.calibrate(tanh_layer, params, x, layer_vjp=tanh_vjp)
@@ -401,7 +408,8 @@ def test_output_tape_keeps_plain_flops():
     base = remat.measure(_chain_grad("none"), params, x, run=False)
     m = remat.measure(_chain_grad("none", layer_vjp=tanh_vjp), params, x, run=False)
     assert m.dot_flops == base.dot_flops
-    assert m.temp_bytes < 0.5 * base.temp_bytes
+    # one state per layer instead of JAX's c (3, or 2 from JAX 0.11)
+    assert m.temp_bytes < 1.5 / jax_tape(tanh_layer, params, x) * base.temp_bytes
 
 
 def test_measure_fields():
@@ -504,8 +512,9 @@ H100_HLO = Path(__file__).parent / "data" / "hlo_h100"
 @pytest.mark.parametrize(
     ("name", "dot_flops", "flops"),
     [
-        # forward (cuDNN conv fused with the bias add) + backward input + backward filter: 3 × 6144
-        ("conv1d_grad_float32", 3 * 2 * (2 * 16 * 4) * (3 * 8), 3 * 6144 + 2 * 16 * 4),
+        # forward (cuDNN conv fused with a ×2 result scale and a bias add) + backward input +
+        # backward filter: 3 × 6144, plus 2 FLOPs per output entry for the fused scale and bias
+        ("conv1d_grad_float32", 3 * 2 * (2 * 16 * 4) * (3 * 8), 3 * 6144 + 2 * (2 * 16 * 4)),
         (
             "conv2d_float64",
             2 * (4 * 16 * 16 * 8) * (3 * 3 * 3),
@@ -522,6 +531,24 @@ def test_hlo_flops_reads_gpu_modules(name, dot_flops, flops):
     all three kinds, a dot that XLA:GPU strength-reduced, and a Triton GEMM fusion are all counted."""
     c = remat.hlo_flops((H100_HLO / f"{name}.txt").read_text())
     assert (c["dot_flops"], c["flops"], c["uncounted"]) == (dot_flops, flops, ())
+
+
+@pytest.mark.parametrize(
+    ("f", "shapes"),
+    [
+        (lambda a, b: a @ b, ((30, 1), (1, 20))),  # contraction size 1: XLA makes a multiply of it
+        (lambda a, b: jnp.einsum("ij,j->ij", a, b), ((40, 100), (100,))),
+        (lambda a, b: jnp.einsum("bik,bkj->bij", a, b), ((4, 6, 1), (4, 1, 8))),
+        (lambda a, v: a @ v, ((30, 10), (10,))),
+        (jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), ((16, 16), (1, 16))),
+    ],
+)
+def test_hlo_flops_dot_flops_are_part_of_flops(f, shapes):
+    """Dots that XLA rewrites as multiplies keep the ``dot_general`` name; counted as dot FLOPs they
+    stay inside the total (a regression: a bare multiply was counted twice as a dot)."""
+    args = [jnp.ones(s) for s in shapes]
+    c = remat.hlo_flops(jax.jit(f).lower(*args).compile().as_text())
+    assert 0 < c["dot_flops"] <= c["flops"], c
 
 
 def test_hlo_flops_counts_a_gpu_scan_by_its_trip_count():

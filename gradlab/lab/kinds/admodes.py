@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
+from gradlab._backend import platform
 from gradlab.lab.config import Base, PosInt, Sweep
 from gradlab.lab.kinds._common import base_spec
 
@@ -74,7 +75,7 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
     A = jax.random.normal(ka, (m, n)).astype(dtype)
     x = jax.random.normal(kx, (n,)).astype(dtype)
     # the process CPU time misses a GPU's or TPU's time: off the CPU the wall clock is used
-    clock = spec["clock"] if jax.default_backend() == "cpu" else "wall"
+    clock = spec["clock"] if platform() == "cpu" else "wall"
     c = admodes.costs(
         lambda x, A: A @ x,
         x,
