@@ -66,10 +66,10 @@ from gradlab._validate import (
 __all__ = ["History", "clear_cache", "fd_cg", "run"]
 
 DEFAULT_CHUNK_SIZE = 256
-DEFAULT_UNROLL = 1  # on the CPU backend; see _default_unroll
-ACCELERATOR_UNROLL = (
-    8  # elsewhere: an XLA:GPU loop iteration costs a device-to-host read of its predicate
-)
+# steps per loop iteration when `unroll` is not given: on the CPU backend, and elsewhere (an XLA:GPU loop
+# iteration pays kernel launches and a read of its predicate on the host); see _default_unroll
+DEFAULT_UNROLL = 1
+ACCELERATOR_UNROLL = 8
 _SILENT_UNROLL = (
     8  # unrecorded steps between two records: traced one by one up to this many, else a loop
 )
@@ -695,13 +695,12 @@ def run(
         ``monitor_every`` steps must stay below 2³² evaluations (the totals are summed in int64).
       unroll: steps per block of the compiled loop (rounded up to a multiple of ``monitor_every``;
         default 1 on the CPU backend, 8 on others): the loop's per-iteration bookkeeping (counter,
-        bounds and stop tests, buffer write — about a microsecond on a CPU; on a GPU kernel launches and
-        the read of the loop's predicate on the host: one-step iterations took 12–20 µs on an H100) is
-        paid once per block, at the price
-        of tracing the step ``unroll/monitor_every + 1`` times (plus the inner loop's body; compiles
-        1.5–3× longer at 8). On a CPU it pays only for cheap steps run many times through one cached
-        executable (e.g. ``unroll=8`` for thousands of 5 µs steps). Results do not depend on it beyond
-        floating-point reassociation by XLA.
+        bounds and stop tests, buffer write — about a microsecond on a CPU; on a GPU kernel launches
+        and the read of the loop's predicate on the host: one-step iterations took 12–20 µs on an
+        H100) is paid once per block, at the price of tracing the step ``unroll/monitor_every + 1``
+        times (plus the inner loop's body; compiles 1.5–3× longer at 8). On a CPU it pays only for
+        cheap steps run many times through one cached executable (e.g. ``unroll=8`` for thousands of
+        5 µs steps). Results do not depend on it beyond floating-point reassociation by XLA.
 
     Returns:
       A :class:`History`. Shapes: ``loss``, the cumulative costs, ``grad_norm`` and ``steps`` have length
