@@ -45,3 +45,11 @@ def python_without_x64():
         assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
     return run
+
+
+@pytest.fixture
+def xla_cpu():
+    """Compile and run on the CPU device, also on a machine with an accelerator: for tests and
+    examples that hold XLA:CPU's own numbers (buffer assignment, FLOP counts, chunk widths)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield

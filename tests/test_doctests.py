@@ -5,7 +5,6 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-import jax
 import pytest
 
 import gradlab
@@ -19,12 +18,8 @@ MODULES = sorted(
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
-@pytest.fixture(autouse=True)
-def _on_the_cpu_device():
-    """The examples print what they print on XLA:CPU (memory, FLOPs, chunking): run them there, also
-    on a machine with an accelerator."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
+# the examples print what they print on XLA:CPU (memory, FLOPs, chunking): they run there (conftest)
+pytestmark = pytest.mark.usefixtures("xla_cpu")
 
 
 @pytest.mark.parametrize("name", MODULES)

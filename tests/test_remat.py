@@ -257,12 +257,8 @@ def test_plan_with_budget_picks_cheapest_that_fits():
         assert p.peak_bytes <= units * act and p.working == 3.0
 
 
-@pytest.fixture
-def xla_cpu():
-    """Compile on the CPU device. The memory these tests hold to exact numbers is XLA:CPU's buffer
-    assignment; XLA:GPU assigns buffers differently, which ``calibrate`` reads off the same way there."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
+# tests marked with the conftest's `xla_cpu` hold XLA:CPU's buffer assignment; XLA:GPU assigns buffers
+# differently, which `calibrate` reads off the same way there
 
 
 def jax_tape(layer, params, x):
