@@ -217,23 +217,27 @@ def test_monitor_every_records_every_kth_step(unroll):
 
 
 def test_unrecorded_steps_skip_the_value_only_where_the_optimizer_ignores_it():
-    p = lsq(2)
+    p = lsq(2, dim=100)
     f = p.loss
     assert not descent._update_reads_value(optax.sgd(0.1), f, p.init)
     assert not descent._update_reads_value(optax.adam(0.1), f, p.init)
     assert descent._update_reads_value(optax.lbfgs(), f, p.init)  # its line search reads f(x_k)
-    # L-BFGS between records (25 unrecorded steps: the inner loop) follows the recorded trajectory
+    # L-BFGS between records (12 unrecorded steps: the inner loop) follows the recorded trajectory. The
+    # run stops while the gap is still ~1e-9 (40 steps at d = 100): once L-BFGS has converged to
+    # rounding, its line search's step count follows the rounding, and any change in how XLA compiles
+    # the loop (e.g. XLA's small-while-loop option on the CPU) changes the counts of both runs.
     run = lambda every: descent.run(  # noqa: E731
         f,
         p.init,
         local_exact,
         optax.lbfgs(),
         key=jax.random.key(0),
-        num_steps=60,
+        num_steps=40,
         monitor_every=every,
     )
-    full, thin = run(1), run(26)
-    np.testing.assert_array_equal(thin.steps, [0, 26, 52, 60])
+    full, thin = run(1), run(13)
+    np.testing.assert_array_equal(thin.steps, [0, 13, 26, 39, 40])
+    assert full.num_fun_evals[-1] > full.steps_run + 1  # the line search spent extra evaluations
     np.testing.assert_allclose(thin.loss, full.loss[thin.steps], rtol=1e-9)
     np.testing.assert_array_equal(thin.num_fun_evals, full.num_fun_evals[thin.steps])
 
