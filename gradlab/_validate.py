@@ -116,7 +116,8 @@ def check_positive(argument: str, value: Any) -> float:
 
 
 def check_scalar_output(argument: str, out: Any) -> None:
-    """Raise :class:`NotScalarError` unless ``out`` is a real scalar (shape ``()``)."""
+    """Raise :class:`NotScalarError` unless ``out`` is a real floating-point scalar (shape ``()``)."""
+    import jax
     import numpy as np
 
     shape = getattr(out, "shape", None)
@@ -138,6 +139,38 @@ def check_scalar_output(argument: str, out: Any) -> None:
             f"{argument}: the function must return a real scalar, got dtype {dtype}. "
             "Take jnp.real(...) or a norm of the output."
         )
+    if dtype is not None and not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bfloat16 too
+        raise NotScalarError(
+            f"{argument}: the function must return a real floating-point scalar to be differentiated, "
+            f"got dtype {dtype}. Compute the loss in floating point (integer parameters? cast them, "
+            "e.g. jnp.asarray(params, jnp.float64))."
+        )
+
+
+def check_float_params(argument: str, tree: Any) -> None:
+    """Raise :class:`OptionError` unless every leaf of ``tree`` is a real floating-point array (the
+    point a derivative is taken at), naming the first leaf that is not.
+
+    >>> import numpy as np
+    >>> check_float_params("params", {"b": np.zeros(2), "w": np.arange(2)})
+    Traceback (most recent call last):
+    ...
+    gradlab._validate.OptionError: params: leaf ['w'] has dtype int..., expected real floating-point arrays (derivatives are taken with respect to them). Cast them, e.g. jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params).
+    """
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        raise ShapeError(f"{argument}: expected at least one array, got an empty pytree {tree!r}.")
+    for path, leaf in leaves:
+        dtype = jax.numpy.result_type(leaf)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bfloat16 is floating
+            where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
+            raise OptionError(
+                f"{argument}: {where} has dtype {dtype}, expected real floating-point arrays "
+                f"(derivatives are taken with respect to them). Cast them, e.g. "
+                f"jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), {argument.split()[-1]})."
+            )
 
 
 def check_key(key: Any, who: str) -> None:

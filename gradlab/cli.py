@@ -45,8 +45,9 @@ def _enable_x64() -> None:
     jax.config.update("jax_enable_x64", True)
 
 
-def _parse_point(text: str) -> Any:
+def _parse_point(text: str, dtype: str = "float64") -> Any:
     import jax.numpy as jnp
+    import numpy as np
 
     try:
         value = json.loads(text)
@@ -60,11 +61,14 @@ def _parse_point(text: str) -> Any:
         if isinstance(v, dict):
             return {k: to_array(x, f"{where}.{k}") for k, x in v.items()}
         try:
-            return jnp.asarray(v, dtype=jnp.float64)
+            a = np.asarray(v, dtype=np.float64)
         except (TypeError, ValueError):
             raise UsageError(
                 f"--at{where}: expected numbers or nested lists of numbers, got {v!r}."
             ) from None
+        if not np.all(np.isfinite(a)):
+            raise UsageError(f"--at{where}: expected finite numbers, got {v!r}.")
+        return jnp.asarray(a, dtype=dtype)
 
     return to_array(value, "")
 
@@ -94,6 +98,37 @@ def _load_callable(spec: str, argument: str) -> Any:
     return obj
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _describe_point(x: Any) -> str:
+    import jax
+
+    shapes = jax.tree.map(lambda a: tuple(a.shape), x)
+    return f"shape {shapes}" if not isinstance(shapes, dict) else f"shapes {shapes}"
+
+
+def _trial_call(name: str, g: Any, x: Any) -> None:
+    """Evaluate ``g`` abstractly at ``x`` (no FLOPs): an error names the function and the point's shape."""
+    import jax
+
+    try:
+        jax.eval_shape(g, x)
+    except Exception as e:  # the user's function may fail in any way
+        raise UsageError(
+            f"{name} raised {_first_line(e)} when called at the --at point "
+            f"({_describe_point(x)}, {_point_dtype(x)}). Give a point the function accepts."
+        ) from None
+
+
+def _point_dtype(x: Any) -> str:
+    import jax
+
+    return ", ".join(sorted({str(a.dtype) for a in jax.tree.leaves(x)}))
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     _enable_x64()
     import jax
@@ -115,9 +150,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 "e.g. gradlab check mymodule:loss --at '[1.0, 2.0]'."
             )
         fn = _load_callable(user[0], "check")
-        x = _parse_point(args.at)
+        x = _parse_point(args.at, args.dtype)
         ref = _load_callable(args.reference, "--reference") if args.reference else None
-        result = checks.gradient(fn, x, reference=ref, complex_step=args.complex_step)
+        for name, g in ((user[0], fn), (args.reference, ref)):
+            if g is not None:
+                _trial_call(name, g, x)
+        try:
+            result = checks.gradient(fn, x, reference=ref, complex_step=args.complex_step)
+        except GradlabError:
+            raise
+        except Exception as e:  # raised inside the user's function under jvp/grad/complex inputs
+            raise UsageError(
+                f"checking {user[0]} at the --at point failed: {_first_line(e)}. "
+                "The function must be a pure JAX function of the point, returning a real scalar."
+            ) from None
         print(result)
         return 0 if result.ok else 1
     if args.at is not None or args.reference is not None:
@@ -284,8 +330,15 @@ def _parser() -> argparse.ArgumentParser:
         "or a user's function MODULE:FUNCTION at a point given with --at.",
     )
     c.add_argument("targets", nargs="*", metavar="NAME|MODULE:FUNCTION")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random instances (default 0)")
-    c.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    c.add_argument(
+        "--seed", type=int, default=0, help="seed of the catalog's random instances (default 0)"
+    )
+    c.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="precision of the catalog instances, or of the --at point (default float64)",
+    )
     c.add_argument("--at", help="the point, as JSON (number, list, or object of lists)")
     c.add_argument("--reference", metavar="MODULE:FUNCTION", help="a closed-form gradient to check")
     c.add_argument(

@@ -37,8 +37,10 @@ leave-two-out terms (see :func:`trace`).
 >>> import jax, jax.numpy as jnp
 >>> A = jnp.diag(jnp.arange(1.0, 11.0))
 >>> est = trace(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(10), num_matvecs=10)
->>> float(est.value), float(est.std_error), int(est.num_matvecs)   # exact with n = 10 matvecs
-(55.0, 0.0, 10)
+>>> float(est.value), int(est.num_matvecs)   # exact with n = 10 matvecs
+(55.0, 10)
+>>> bool(est.std_error == 2 * jnp.finfo(jnp.float64).eps * 55.0)   # the rounding floor, not 0
+True
 >>> f = lambda p: jnp.sum(p["w"] ** 4) / 4 + p["b"] ** 2
 >>> x = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
 >>> hvp(f, x, {"w": jnp.ones(2), "b": jnp.array(1.0)})["w"]
@@ -76,9 +78,11 @@ from gradlab._validate import (
     OptionError,
     ShapeError,
     check_choice,
+    check_float_params,
     check_key,
     check_positive,
     check_positive_int,
+    check_same_structure,
     check_scalar_output,
 )
 
@@ -135,7 +139,8 @@ class Estimate(NamedTuple):
 
     Attributes:
       value: the estimate (a 0-d array).
-      std_error: its calibrated standard error (0 where the result is exact).
+      std_error: its calibrated standard error, never below the rounding floor ``2·eps·|value|``
+        (the floor alone where the result is exact: ``num_matvecs ≥ n``).
       num_matvecs: the number of operator applications used (an int array; with ``rtol`` it can be
         below the budget).
     """
@@ -194,7 +199,26 @@ class SpectralDensity(NamedTuple):
 
 
 def _check_loss(f: Callable, x: Any) -> None:
+    check_float_params("x", x)
     check_scalar_output("f", jax.eval_shape(f, x))
+
+
+def _check_direction(v: Any, x: Any) -> None:
+    """``v`` must be a direction at ``x``: its structure, leaf shapes and dtypes."""
+    check_same_structure("v", v, x)
+    for path, a, b in zip(
+        [p for p, _ in jax.tree_util.tree_flatten_with_path(x)[0]],
+        jax.tree.leaves(v),
+        jax.tree.leaves(x),
+        strict=True,
+    ):
+        if jnp.result_type(a) != jnp.result_type(b):
+            where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
+            raise OptionError(
+                f"v: {where} has dtype {jnp.result_type(a)}, expected {jnp.result_type(b)} (the dtype "
+                "of the matching leaf of x). Cast it, e.g. "
+                "jax.tree.map(lambda a, b: a.astype(b.dtype), v, x)."
+            )
 
 
 def _hvp_fwd_rev(f, x, v):
@@ -242,6 +266,7 @@ def hvp(f: Callable[[Any], Any], x: Any, v: Any, /, *, mode: str = "fwd_rev") ->
     """
     mode = check_choice("mode", mode, HVP_MODES)
     _check_loss(f, x)
+    _check_direction(v, x)
     return _HVP[mode](f, x, v)
 
 
@@ -269,7 +294,13 @@ def hvp_operator(f: Callable[[Any], Any], x: Any, /) -> Callable[[Any], Any]:
       (linearize once, apply many times).
     """
     _check_loss(f, x)
-    return jax.linearize(jax.grad(f), x)[1]
+    linear = jax.linearize(jax.grad(f), x)[1]
+
+    def matvec(v: Any) -> Any:
+        _check_direction(v, x)  # shapes and dtypes only: free under jit, vmap and lax.map
+        return linear(v)
+
+    return matvec
 
 
 def hessian(f: Callable[[Any], Any], x: Any, /, *, batch_size: int | None = None) -> jax.Array:
@@ -313,8 +344,8 @@ def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
     except (TypeError, ValueError) as e:  # shapes or structure the operator does not accept
         raise ShapeError(
             f"like: the operator cannot be applied to a pytree like `like` ({flat.size} entries, "
-            f"structure {jax.tree.structure(like)}): {type(e).__name__}: {str(e).splitlines()[0]} "
-            "Pass like= with the operator's input structure and shapes (e.g. the parameters x)."
+            f"structure {jax.tree.structure(like)}): {type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0].rstrip('.')}. Pass like= with the operator's input structure and shapes (e.g. the parameters x)."
         ) from None
     in_def, out_def = jax.tree.structure(like), jax.tree.structure(out)
     out_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(out))
@@ -467,8 +498,10 @@ def _moments(terms: jax.Array) -> tuple:
 
 
 def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: Any) -> Estimate:
+    """The trace from the ``n`` unit vectors; its error is rounding alone, so its standard error is the
+    rounding floor of :func:`_floored` (``2·eps·|value|``), not 0."""
     cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
-    return Estimate(jnp.trace(cols), jnp.zeros((), dtype), jnp.asarray(n))
+    return _floored(Estimate(jnp.trace(cols), jnp.zeros((), dtype), jnp.asarray(n)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from gradlab._tree import tree_norm
 from gradlab._validate import (
     OptionError,
     ShapeError,
+    check_float_params,
     check_key,
     check_positive,
     check_positive_int,
@@ -168,6 +170,12 @@ def _check_callables(fn: Any, strategy: Any, optimizer: Any) -> None:
             f"strategy: expected a callable strategy(fn, params, key) -> GradEstimate (e.g. grads.exact()), "
             f"got {type(strategy).__name__}. Build one with a constructor from gradlab.grads."
         )
+    if getattr(strategy, "__module__", None) == "gradlab.grads" and inspect.isfunction(strategy):
+        name = strategy.__name__
+        raise OptionError(
+            f"strategy: got the constructor grads.{name} itself; call it to build the strategy, "
+            f"e.g. grads.{name}() (options go in the call)."
+        )
     if not (
         callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
     ):
@@ -178,10 +186,8 @@ def _check_callables(fn: Any, strategy: Any, optimizer: Any) -> None:
 
 
 def _validate_shapes(fn, params, strategy, key) -> None:
-    out = jax.eval_shape(fn, params)
-    check_scalar_output("fn", out)
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise OptionError(f"fn: the loss must be a real floating scalar, got dtype {out.dtype}.")
+    check_float_params("params", params)
+    check_scalar_output("fn", jax.eval_shape(fn, params))
     est = jax.eval_shape(lambda p, k: strategy(fn, p, k), params, key)
     missing = [f for f in ("grad", "num_fun_evals", "num_grads", "num_jvps") if not hasattr(est, f)]
     if missing:
@@ -509,7 +515,9 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             # the loss rounds onto (or under) f* and the test passes by rounding alone (float32: a
             # tol of 1e-12 "reached" at a true gap of 3e-7). Where it does not, no step is run and
             # the driver raises, naming the smallest tolerance that can be resolved.
-            resolvable = stop0 | _gap_resolvable(tol, loss0, f_star)
+            resolvable = ~_f_star_above(loss0, f_star) & (
+                stop0 | _gap_resolvable(tol, loss0, f_star)
+            )
             end = jnp.where(resolvable, end, jnp.zeros_like(end))
         carry = (params, opt_state, jnp.zeros((3,), count_dtype), pending, stop0)
         carry, bufs, n = segment(carry, key, jnp.zeros((), count_dtype), end, tol, loss0, f_star)
@@ -599,7 +607,21 @@ def _gap_resolvable(tol: Any, f0: Any, f_star: Any) -> Any:
     return (f0 <= f_star) | (tol * (f0 - f_star) >= floor)
 
 
+def _f_star_above(f0: Any, f_star: Any) -> Any:
+    """Whether ``f*`` lies above ``f(x₀)`` by more than rounding (``2ε·max(|f*|, |f(x₀)|)``): then it is
+    no lower bound, the relative gap starts negative and its test would pass at once."""
+    floor = _GAP_ROUNDING * jnp.finfo(f0.dtype).eps * jnp.maximum(jnp.abs(f_star), jnp.abs(f0))
+    return f_star - f0 > floor
+
+
 def _raise_unresolvable(tol: float, f_star: float, f0: float, dtype: Any) -> None:
+    if f0 < f_star:  # _f_star_above held
+        raise OptionError(
+            f"f_star={f_star:.6g}: above the loss at the start, f(x₀) = {f0:.6g}; f_star must be the "
+            "optimal value (a lower bound), or the relative gap (f(x) − f*)/(f(x₀) − f*) means nothing. "
+            "Pass the true minimum (e.g. problem.min_value), or f_star=None to stop on the gradient "
+            "norm instead."
+        )
     eps = float(np.finfo(dtype).eps)
     smallest = _GAP_ROUNDING * eps * abs(f_star) / (f0 - f_star)
     e = math.floor(math.log10(smallest)) - 1
@@ -680,7 +702,9 @@ def run(
       key: a ``jax.random.key`` — required; step ``k`` uses ``jax.random.fold_in(key, k)``.
       num_steps: the maximum number of steps, an integer ≥ 1.
       tol: the stopping tolerance (> 0), or ``None`` to run all ``num_steps`` steps.
-      f_star: the optimal value ``f*`` (e.g. ``problem.min_value``), or ``None``.
+      f_star: the optimal value ``f*`` (e.g. ``problem.min_value``), or ``None``. It must be a lower
+        bound: an ``f*`` above ``f(x₀)`` (beyond rounding) is an ``OptionError``, since the relative
+        gap would start negative and its test pass at once.
       chunk_size: the most steps per call of the compiled loop (the host checks in between). Default: the
         whole run, rounded up to a power of two (at least 256, at most 65536), so that runs of similar
         lengths share one executable; the loop exits at the stop, so no step past it is computed.
@@ -711,7 +735,9 @@ def run(
       NotScalarError: ``fn`` does not return a real scalar (checked with ``jax.eval_shape`` before compiling).
       OptionError: a missing/invalid ``key``, ``num_steps < 1``, ``tol ≤ 0``, a non-callable strategy ...;
         a relative-gap ``tol`` below what the loss's dtype resolves, ``2ε|f*|/(f(x₀) − f*)`` (checked
-        once ``f(x₀)`` is known, before any step: in float32 the loss would round onto ``f*`` first).
+        once ``f(x₀)`` is known, before any step: in float32 the loss would round onto ``f*`` first);
+        an ``f_star`` above ``f(x₀)``; integer ``params``; a ``gradlab.grads`` constructor passed
+        uncalled as the strategy.
       ShapeError: the strategy's gradient does not have the structure of ``params``.
 
     Compile-once: the executables are cached per (``fn``, ``strategy``, ``optimizer``) object, parameter
@@ -978,7 +1004,9 @@ def _build_fd_cg(f, cfg: _FdCgConfig):
             "counts": jnp.zeros((cap,), count_dtype),
         }
         if cfg.criterion == "relative_gap":  # as in run(): no step when tol is below the rounding
-            resolvable = init["stop"] | _gap_resolvable(tol, f0, f_star)
+            resolvable = ~_f_star_above(f0, f_star) & (
+                init["stop"] | _gap_resolvable(tol, f0, f_star)
+            )
             init["stop"] = init["stop"] | ~resolvable
         else:
             resolvable = jnp.ones((), bool)
@@ -1038,7 +1066,8 @@ def fd_cg(
       num_steps: the maximum number of iterations, an integer ≥ 1.
       tol: the stopping tolerance (> 0), or ``None``. With ``f_star``, a tolerance below what the
         dtype resolves is an ``OptionError``, as in :func:`run`.
-      f_star: the optimal value (the relative-gap criterion), or ``None``.
+      f_star: the optimal value (the relative-gap criterion), or ``None``; above ``f(x₀)`` it is an
+        ``OptionError``, as in :func:`run`.
       step: the relative FD step ``s`` (> 0), default ``√ε`` of the params dtype.
       restart_every: restart the conjugate direction every this many iterations (integer ≥ 1; default ``d``).
       check_decrease: evaluate (and count) ``f(x_{k+1})`` and fall back when it increased.
@@ -1072,10 +1101,7 @@ def fd_cg(
         )
     restart_every = x0.size if restart_every is None else restart_every
     restart_every = check_positive_int("restart_every", restart_every)
-    out = jax.eval_shape(fn, params)
-    check_scalar_output("fn", out)
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise OptionError(f"fn: the loss must be a real floating scalar, got dtype {out.dtype}.")
+    check_scalar_output("fn", jax.eval_shape(fn, params))
     criterion = None if tol is None else ("relative_gap" if f_star is not None else "grad_norm")
     cfg = _FdCgConfig(num_steps, step, restart_every, check_decrease, criterion)
 

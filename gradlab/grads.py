@@ -56,6 +56,7 @@ from gradlab._validate import (
     OptionError,
     ShapeError,
     check_choice,
+    check_float_params,
     check_key,
     check_options,
     check_positive,
@@ -271,6 +272,7 @@ def exact() -> Strategy:
     """
 
     def estimate(fn, params, key):
+        check_float_params("exact: params", params)
         check_scalar_output("exact: fn", jax.eval_shape(fn, params))
         value, g = jax.value_and_grad(fn)(params)
         zero = jnp.zeros((), ravel_pytree(params)[0].dtype)

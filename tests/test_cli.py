@@ -52,6 +52,12 @@ def user_module(tmp_path, monkeypatch):
 
             def dict_loss(p):
                 return jnp.sum(p["W"] @ p["b"])
+
+            def int_valued(x):
+                return jnp.sum(x).astype(jnp.int32)
+
+            def raises(x):
+                raise RuntimeError("my bug")
             """
         )
     )
@@ -102,6 +108,15 @@ def test_check_user_function_with_dict_point(capsys, user_module):
         (["check", "mylosses:nope", "--at", "[1.0]"], "has no attribute 'nope'"),
         (["check", "nomodule_xyz:f", "--at", "[1.0]"], "could not import module 'nomodule_xyz'"),
         (["check", "toy_graph", "--at", "[1.0]"], "only used with a MODULE:FUNCTION"),
+        # the user's function fails at the point: one line naming it and the point, no traceback
+        (["check", "mylosses:dict_loss", "--at", "[1.0, 2.0]"], "mylosses:dict_loss raised"),
+        (["check", "mylosses:raises", "--at", "[1.0]"], "RuntimeError: my bug"),
+        (["check", "mylosses:loss", "--at", "[1.0, NaN]"], "--at: expected finite numbers"),
+        (["check", "mylosses:int_valued", "--at", "[1.0]"], "real floating-point scalar"),
+        (
+            ["check", "mylosses:loss", "--at", "[1.0, 2.0]", "--reference", "mylosses:raises"],
+            "mylosses:raises raised RuntimeError",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, user_module, argv, message):
@@ -109,6 +124,33 @@ def test_bad_input_exits_2_with_a_message(capsys, user_module, argv, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_check_user_function_honours_dtype(capsys, user_module):
+    code, out, _ = run(
+        capsys, "check", f"{user_module}:loss", "--at", "[1.0, 2.0]", "--dtype", "float32"
+    )
+    assert code == 0 and "float32" in out.splitlines()[0]
+
+
+def test_report_of_an_unwritable_folder_exits_2(capsys, tmp_path, monkeypatch):
+    from gradlab import lab
+    from gradlab.lab import runner
+
+    cfg = lab.parse({"kind": "gradcheck", "name": "g", "gradcheck": {"problem": ["quadratic"]}})
+    made = lab.run(cfg, out=tmp_path / "g")
+    before = (made.out / "report.md").read_text()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(made.out / "figures" / "x.png"))
+
+    monkeypatch.setattr(runner, "_render", read_only)
+    code, _, err = run(capsys, "report", str(made.out))
+    assert code == 2 and "cannot write the report" in err and "Traceback" not in err
+    assert (made.out / "report.md").read_text() == before  # nothing lost
+    monkeypatch.setattr(runner.os, "access", lambda *a, **k: False)
+    code, _, err = run(capsys, "report", str(made.out))
+    assert code == 2 and "not writable" in err
 
 
 def test_no_traceback_from_the_console_script():

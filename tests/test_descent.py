@@ -13,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from gradlab import descent, problems, theory
+from gradlab import grads as grads_mod
 from gradlab._validate import NotScalarError, OptionError
 
 TOL = 1e-6
@@ -408,9 +409,9 @@ def test_a_tolerance_below_the_float32_rounding_is_an_error():
         descent.run(p.loss, p.init, local_exact, opt, tol=1e-9, **common)
     suggested = float(re.search(r"Use tol ≥ ([0-9.e+\-]+)", str(err.value)).group(1))
     assert descent.run(p.loss, p.init, local_exact, opt, tol=suggested, **common).steps_run > 0
-    # a start below f* is not this error (f* is then no lower bound; the run goes on as before)
-    below = descent.run(p.loss, p.init, local_exact, opt, tol=2.0, **{**common, "f_star": 1e3})
-    assert below.steps_run == common["num_steps"] and below.steps_to_tol is None
+    # a start below f* is another error: f* is then no lower bound (test_f_star_above_the_start...)
+    with pytest.raises(OptionError, match="f_star=1000: above the loss at the start"):
+        descent.run(p.loss, p.init, local_exact, opt, tol=2.0, **{**common, "f_star": 1e3})
     with pytest.raises(OptionError, match="f_star: expected a finite optimal value, got nan"):
         descent.run(p.loss, p.init, local_exact, opt, tol=1e-3, **{**common, "f_star": math.nan})
     # float64: the same problem resolves 1e-12
@@ -541,6 +542,55 @@ def test_error_strategy_and_optimizer():
         descent.run(p.loss, p.init, "exact", opt, key=jax.random.key(0), num_steps=5)
     with pytest.raises(OptionError, match="optimizer"):
         descent.run(p.loss, p.init, local_exact, 0.1, key=jax.random.key(0), num_steps=5)
+
+
+def test_error_constructor_passed_as_strategy():
+    p, opt = _args()
+    with pytest.raises(OptionError, match=r"constructor grads.exact itself; call it"):
+        descent.run(p.loss, p.init, grads_mod.exact, opt, key=jax.random.key(0), num_steps=5)
+
+
+def test_error_integer_params():
+    _, opt = _args()
+    with pytest.raises(OptionError, match=r"params: the array has dtype int"):
+        descent.run(
+            lambda x: jnp.sum(x * 1.0) ** 2,
+            jnp.arange(3),
+            local_exact,
+            opt,
+            key=jax.random.key(0),
+            num_steps=5,
+        )
+    with pytest.raises(NotScalarError, match=r"fn: .*floating-point scalar.*got dtype int"):
+        descent.run(
+            lambda x: jnp.sum(x).astype(jnp.int32),
+            jnp.ones(3),
+            local_exact,
+            opt,
+            key=jax.random.key(0),
+            num_steps=5,
+        )
+
+
+@pytest.mark.parametrize("method", ["run", "fd_cg"])
+def test_f_star_above_the_start_is_an_error(method):
+    """An f* above f(x₀) is no lower bound: the relative gap would start negative and the stop test
+    pass at step 0 ('converged'); it is an error naming f_star. f* equal to f(x₀) stops at 0."""
+    f = lambda x: jnp.sum(x**2)  # noqa: E731
+    x0 = jnp.ones(3)  # f(x0) = 3
+
+    def go(f_star):
+        if method == "fd_cg":
+            return descent.fd_cg(f, x0, num_steps=10, tol=1e-3, f_star=f_star)
+        opt = optax.sgd(0.1)
+        return descent.run(
+            f, x0, local_exact, opt, key=jax.random.key(0), num_steps=10, tol=1e-3, f_star=f_star
+        )
+
+    with pytest.raises(OptionError, match=r"f_star=100: above the loss at the start, f\(x₀\) = 3"):
+        go(100.0)
+    assert go(3.0).steps_to_tol == 0  # already optimal
+    assert go(0.0).steps_run > 0
 
 
 def test_error_strategy_grad_structure():

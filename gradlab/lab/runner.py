@@ -712,8 +712,21 @@ def rerender(out: str | Path) -> Sweep:
     except (OSError, ValueError, KeyError) as e:
         raise GradlabError(f"{out}: cannot read the results ({e}); re-run the config.") from None
     env = _read_env(out / "env.json") or {}
-    files, summary = _render(out, resolved_json, runs, env)
-    R.atomic_write(out / ".summary.txt", summary)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise GradlabError(
+            f"{out}: not writable, so the report cannot be re-rendered in place; copy the folder "
+            "somewhere writable and run `gradlab report` on the copy."
+        )
+    try:
+        files, summary = _render(out, resolved_json, runs, env)
+        R.atomic_write(out / ".summary.txt", summary)
+    except (
+        OSError
+    ) as e:  # e.g. a read-only figures/ folder; atomic writes leave the old files whole
+        raise GradlabError(
+            f"{out}: cannot write the report ({e.strerror or e}: {e.filename}); "
+            "make the folder writable, or re-render a copy."
+        ) from None
     failed = _failures(runs)
     return Sweep(
         out=out,

@@ -101,6 +101,46 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
     return section.model_copy(update={"problem": problems}), errors
 
 
+def check_instances(section: Section, experiment: Any) -> list[str]:
+    """The deep check (``gradlab validate``, and before any run is computed): build each problem point
+    and hold every (method, budget) to what :func:`gradlab.curvature.trace` accepts at its dimension
+    (a budget ≥ d is always exact; below it each method needs a few matvecs for an error bar)."""
+    import jax
+
+    from gradlab import problems
+    from gradlab.curvature import _MIN_MATVECS
+
+    errors = []
+    with jax.enable_x64(True):  # as the runs will
+        for i, entry in enumerate(section.problem):
+            for spec in expand_entries([entry]):
+                label = entry_label(spec, problems.options(spec["name"]))
+                try:
+                    problem = make_problem(spec, jax.random.key(0), experiment.dtype)
+                except Exception as e:
+                    errors.append(f"{NAME}.problem[{i}] ({label}): {e}")
+                    break
+                d = sum(int(np.size(a)) for a in jax.tree.leaves(problem.init))
+                if d > section.max_dim:
+                    errors.append(
+                        f"{NAME}.max_dim: problem {label} has d = {d} parameters > max_dim = "
+                        f"{section.max_dim}: the dense Hessian oracle ({d}² entries) would not fit; "
+                        f"raise {NAME}.max_dim or shrink the problem."
+                    )
+                    continue
+                for method in section.method:
+                    low = sorted(
+                        {m for m in section.num_matvecs if m < min(d, _MIN_MATVECS[method])}
+                    )
+                    if low:
+                        errors.append(
+                            f"{NAME}.num_matvecs: method {method!r} needs at least "
+                            f"{_MIN_MATVECS[method]} matvecs (for an error bar) on problem {label} "
+                            f"(d = {d}); got {low}. Raise num_matvecs or drop {method!r}."
+                        )
+    return errors
+
+
 def expand(resolved: Any) -> list[dict[str, Any]]:
     """One spec per (problem, point, method, budget, repeat). A "trained" point carries its training
     settings (so editing them leaves the other points' runs cached); the first (method, budget) of each

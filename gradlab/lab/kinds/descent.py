@@ -178,7 +178,12 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
     for i, opt in enumerate(section.optimizer):
         where = f"{NAME}.optimizer[{i}]"
         given = opt.model_fields_set
-        if opt.name == "adam" and "theory" in opt.learning_rate:
+        if opt.name == "adam" and "learning_rate" not in given:
+            errors.append(
+                f"{where}.learning_rate: required for 'adam' (it has no theory step size); "
+                "give a number or a list, e.g. learning_rate = 0.01."
+            )
+        elif opt.name == "adam" and "theory" in opt.learning_rate:
             errors.append(
                 f"{where}.learning_rate: 'theory' is defined for sgd, momentum and "
                 f"nesterov; give a number for {opt.name!r} (e.g. learning_rate = 0.01)."

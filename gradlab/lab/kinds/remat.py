@@ -78,6 +78,15 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
             )
         if s["name"] == "every_k" and not s.get("k"):
             errors.append(f"{NAME}.strategy[{i}].k: every_k needs k = [...] (≥ 1).")
+        elif s["name"] == "every_k":
+            ks = s["k"] if isinstance(s["k"], list) else [s["k"]]
+            too_long = sorted({k for k in ks if k > min(section.layers)})
+            if too_long:
+                errors.append(
+                    f"{NAME}.strategy[{i}].k: every_k needs 1 ≤ k ≤ L (the segment length); "
+                    f"k = {too_long} exceeds {NAME}.layers' smallest L = {min(section.layers)}. "
+                    "Use shorter segments or drop the smaller depths."
+                )
     return section.model_copy(update={"strategy": strategies}), errors
 
 
