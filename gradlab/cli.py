@@ -229,8 +229,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
         base = {"learning_rate": descent_kind.Optimizer().learning_rate[0]}
         rows = [
             ("sgd", _opts(base), "optax.sgd; learning_rate = 'theory' takes the theory step"),
-            ("momentum", _opts({**base, "momentum": 0.9}), "optax.sgd with heavy-ball momentum"),
-            ("nesterov", _opts({**base, "momentum": 0.9}), "optax.sgd with Nesterov momentum"),
+            (
+                "momentum",
+                _opts({**base, "momentum": descent_kind.DEFAULT_MOMENTUM}),
+                "optax.sgd with heavy-ball momentum",
+            ),
+            (
+                "nesterov",
+                _opts({**base, "momentum": descent_kind.DEFAULT_MOMENTUM}),
+                "optax.sgd with Nesterov momentum",
+            ),
             ("adam", _opts({"learning_rate": "(required)"}), "optax.adam"),
             ("lbfgs", "-", "optax.lbfgs with its zoom line search (evaluations counted)"),
         ]

@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 # Columns that measure time: they differ between two runs of the same config; everything else must not.
-TIMING_FIELDS = frozenset({"compile_time", "run_time", "time_per_step", "time_s", "seconds"})
+TIMING_FIELDS = frozenset(
+    {"compile_time", "run_time", "first_run_time", "time_per_step", "time_s", "seconds"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Series:
     label: str
     runs: Sequence[tuple[Sequence[float], Sequence[float | None]]]
     theory: tuple[Sequence[float], Sequence[float]] | None = None
+    color: str | None = None  # a matplotlib colour; default: C0, C1, ... by position in the figure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,7 @@ def line_figure(
     def draw(ax: Any) -> None:
         import numpy as np
 
-        colors = [f"C{i % 10}" for i in range(len(series))]
+        colors = [s.color or f"C{i % 10}" for i, s in enumerate(series)]
         for s, color in zip(series, colors, strict=True):
             for i, (x, y) in enumerate(s.runs):
                 yy = np.array([np.nan if v is None else v for v in y], dtype=float)
@@ -283,15 +286,16 @@ _AXES = ("problem", "strategy", "optimizer")
 
 
 def parameters(run: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameter columns of a run: id, status, axis names and ``axis.option`` columns, repeat,
-    seed, dtype, display labels."""
+    """The parameter columns of a run: id, status, axis names and ``axis.option`` columns, the spec's
+    scalar settings (repeat, seed, dtype, and the kind's own: budgets, sizes, points ...), display
+    labels. (Point metrics must not reuse these names.)"""
     spec = run["spec"]
     base: dict[str, Any] = {"run_id": run["id"], "kind": spec["kind"], "status": run["status"]}
     for k, v in spec.items():
         if isinstance(v, Mapping) and "name" in v:
             base[k] = v["name"]
             base.update(_flat(k, v))
-        elif k in ("seed", "dtype", "repeat"):
+        elif k != "kind" and (v is None or isinstance(v, bool | int | float | str)):
             base[k] = v
     base.update(run.get("labels") or {})
     return base
