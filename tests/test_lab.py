@@ -830,3 +830,112 @@ def test_rerender_keeps_point_metrics_named_error(tmp_path):
     again = lab.rerender(made.out)
     assert again.ok and again.num_computed == 0
     assert (made.out / "report.md").read_text() == before
+
+
+# --- the folder's integrity (from a review of resumability) ---------------------------------------------
+
+
+def _small_sweep(tmp_path):
+    cfg = write(tmp_path, SMALL)
+    out = tmp_path / "s"
+    first = lab.run(cfg, out=out)
+    assert first.ok and first.num_computed == 3
+    return cfg, out
+
+
+def test_a_result_copied_from_another_run_is_not_reused(tmp_path):
+    cfg, out = _small_sweep(tmp_path)
+    before = json.loads((out / "runs.json").read_text())
+    a, b = (out / "runs" / r["id"] / "result.json" for r in before[:2])
+    b.write_text(a.read_text())  # run b's folder now holds run a's record
+    again = lab.run(cfg, out=out)
+    assert again.num_computed == 1 and again.num_reused == 2
+    after = json.loads((out / "runs.json").read_text())
+    assert [r["id"] for r in after] == [r["id"] for r in before]
+    assert [r["summary"] for r in after] == [r["summary"] for r in before]
+
+
+def test_unchanged_rerun_restores_deleted_figures(tmp_path):
+    import shutil
+
+    cfg, out = _small_sweep(tmp_path)
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    shutil.rmtree(out / "figures")
+    again = lab.run(cfg, out=out)
+    assert again.num_computed == 0 and again.rendered
+    assert sorted(p.name for p in (out / "figures").iterdir()) == names
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("runs.json", "[1, 2]"),
+        ("runs.json", "[]"),
+        ("runs.json", "{}"),
+        ("results.json", '{"a": 1}'),
+        ("results.json", "[]"),
+        ("config.json", "[]"),
+        ("config.json", '{"name": "x"}'),
+    ],
+)
+def test_report_of_malformed_files_exits_2_and_keeps_the_report(tmp_path, capsys, name, text):
+    _, out = _small_sweep(tmp_path)
+    before = (out / "report.md").read_text()
+    (out / name).write_text(text)
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the results" in err and "Traceback" not in err
+    assert (out / "report.md").read_text() == before
+
+
+def test_config_and_env_are_written_with_the_results(tmp_path, monkeypatch):
+    """An edited config whose re-run is interrupted leaves config.json, env.json, results.json and
+    runs.json of the previous run together (they were written at the start before)."""
+    from gradlab.lab import runner
+
+    _, out = _small_sweep(tmp_path)
+    files = {
+        n: (out / n).read_text() for n in ("config.json", "env.json", "results.json", "runs.json")
+    }
+    edited = write(tmp_path, SMALL.replace("tol = 1e-4", "tol = 1e-5"), name="edited.toml")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lab.run(edited, out=out)
+    assert {n: (out / n).read_text() for n in files} == files
+
+
+def test_a_broken_worker_pool_records_the_runs_as_failed(tmp_path, monkeypatch):
+    """A worker killed by the system breaks joblib's pool; the runs it did not finish are recorded as
+    failed (the report says so, exit 1), and a re-run computes them."""
+    import joblib
+
+    cfg = write(tmp_path, SMALL)
+    out = tmp_path / "p"
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, tasks):
+            raise joblib.externals.loky.process_executor.TerminatedWorkerError(
+                "a worker was killed"
+            )
+
+    monkeypatch.setattr(joblib, "Parallel", Broken)
+    sweep = lab.run(cfg, out=out, jobs=2)
+    assert not sweep.ok and len(sweep.failed) == 3
+    assert all("worker processes stopped" in f["error"] for f in sweep.failed)
+    again = lab.run(cfg, out=out)  # in this process (jobs=1): the failed runs are computed now
+    assert again.ok and again.num_computed == 3 and again.num_reused == 0
+
+
+def test_machine_includes_the_prng_implementation():
+    from gradlab.lab import runner
+
+    m = runner._machine()
+    assert m["prng_impl"] == str(jax.config.jax_default_prng_impl) and m["numpy"] and m["optax"]
+    assert runner.environment([])["prng_impl"] == m["prng_impl"]

@@ -211,6 +211,7 @@ def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "x64": bool(jax.config.jax_enable_x64),
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+        "prng_impl": str(jax.config.jax_default_prng_impl),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": _git_commit(),
         "platform": platform.platform(),
@@ -249,8 +250,9 @@ def dumps(obj: Any, *, compact: bool = False) -> str:
 @functools.cache  # fixed for a process: read once, not per run
 def _machine() -> dict[str, Any]:
     """What a finished run must share with this process to be reused: the backend, the device kind
-    and count (a sweep run on 4 devices is not reused on 1), ``XLA_FLAGS`` and, on the CPU backend,
-    the CPU model (XLA compiles for the host's vector extensions; rounding can differ)."""
+    and count (a sweep run on 4 devices is not reused on 1), ``XLA_FLAGS``, on the CPU backend the
+    CPU model (XLA compiles for the host's vector extensions; rounding can differ), JAX's default PRNG
+    implementation, and the numpy and optax versions (JAX's is in the run id)."""
     import jax
 
     devices = jax.devices()
@@ -260,6 +262,10 @@ def _machine() -> dict[str, Any]:
         "device_count": len(devices),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu": cpu_info()["model"] if jax.default_backend() == "cpu" else None,
+        # every random draw depends on it (JAX_DEFAULT_PRNG_IMPL: threefry2x32, rbg, ...)
+        "prng_impl": str(jax.config.jax_default_prng_impl),
+        "numpy": _version("numpy"),
+        "optax": _version("optax"),
     }
 
 
@@ -281,20 +287,49 @@ def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -
             record["labels"] = {f"{k}_label": v for k, v in kind.labels(spec).items()}
     except Exception as e:  # a failing run is recorded, the sweep goes on
         tb = traceback.format_exception(type(e), e, e.__traceback__)
-        record.update(
-            status="failed",
-            error=f"{type(e).__name__}: {e}",
-            traceback="".join(tb[-6:]),
-            summary={},
-            points=[],
-            timing={},
-        )
+        record.update(_failure(f"{type(e).__name__}: {e}", "".join(tb[-6:])))
     record["seconds"] = time.perf_counter() - t0
+    return _write_record(record, path)
+
+
+def _failure(error: str, tb: str = "") -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "error": error,
+        "traceback": tb,
+        "summary": {},
+        "points": [],
+        "timing": {},
+    }
+
+
+def _write_record(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """Stamp ``record`` with the machine and write it atomically to ``path``; return its status."""
+    import jax
+
     record["backend"] = jax.default_backend()
     record["device"] = jax.devices()[0].device_kind
     record["machine"] = _machine()
     R.atomic_write(path, json.dumps(_clean(record), allow_nan=False, separators=(",", ":")))
-    return {"id": rid, "status": record["status"], "error": record.get("error")}
+    return {"id": record["id"], "status": record["status"], "error": record.get("error")}
+
+
+def _record_broken_pool(
+    todo: Sequence[tuple[str, Mapping[str, Any], str]], since: float, e: Exception
+):
+    """After the process pool broke (a worker was killed: out of memory, a signal), record every run of
+    ``todo`` that wrote no result since ``since`` as failed, so the sweep's report says so; a re-run
+    computes them again."""
+    for rid, spec, path in todo:
+        p = Path(path)
+        if p.exists() and p.stat().st_mtime >= since:
+            continue  # finished before the pool broke
+        error = (
+            f"not computed: the sweep's worker processes stopped ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); a worker killed by the system (out of "
+            "memory?) or a signal. Run the sweep again to compute it (with fewer --jobs if memory ran out)."
+        )
+        _write_record({"id": rid, "spec": dict(spec), **_failure(error), "seconds": 0.0}, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,19 +360,29 @@ def load_runs(out: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
     return runs
 
 
-def _read_finished(path: Path) -> dict[str, Any] | None:
-    """The result at ``path`` if it is there, readable and finished (ok or diverged), else None."""
+def _read_finished(path: Path, rid: str, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The result at ``path`` if it is there, readable, finished (ok or diverged) and the record of
+    run ``rid`` with ``spec`` (a file copied from another run folder is not), else None."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("status") in FINISHED else None
+    if not isinstance(record, dict) or record.get("status") not in FINISHED:
+        return None
+    if record.get("id") != rid or not isinstance(record.get("spec"), dict):
+        return None
+    if canonical(record["spec"]) != canonical(spec):
+        return None
+    needed = ("summary", "points", "machine")
+    return record if all(k in record for k in needed) else None
 
 
-def _clear_temp(runs_dir: Path) -> None:
-    if runs_dir.exists():
-        for tmp in runs_dir.glob("*/.tmp-*"):
-            tmp.unlink(missing_ok=True)
+def _clear_temp(out: Path) -> None:
+    """Remove the temporary files of atomic writes that an interrupted process left behind."""
+    for pattern in (".tmp-*", "runs/*/.tmp-*", "figures/.tmp-*"):
+        for tmp in out.glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def _progress(total: int, enabled: bool):
@@ -415,11 +460,15 @@ def _launch(
                 # accelerator's memory in every one of them (the workers read this when they start)
                 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
-            for res in parallel(
-                delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
-            ):
-                done.append(res)
-                bar.advance(task)
+            since = time.time() - 1.0  # file times are coarser than the clock on some filesystems
+            try:
+                for res in parallel(
+                    delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
+                ):
+                    done.append(res)
+                    bar.advance(task)
+            except Exception as e:  # the pool itself broke: _execute_one records a run's own errors
+                _record_broken_pool(todo, since, e)
     return done
 
 
@@ -443,6 +492,19 @@ def _plain_table(table: R.Table, max_rows: int = 40) -> str:
     if common:
         lines = ["; ".join(common), "", *lines]
     return "\n".join(lines)
+
+
+def _figures_present(out: Path) -> bool:
+    """Whether every figure that ``report.md`` links to is in ``out/figures``."""
+    import re
+
+    try:
+        text = (out / "report.md").read_text()
+    except OSError:
+        return False
+    return all(
+        (out / "figures" / name).is_file() for name in re.findall(r"figures/([^)\s]+)", text)
+    )
 
 
 def _is_report_folder(out: Path) -> bool:
@@ -549,9 +611,14 @@ def run(
       prune: delete the run folders under ``out/runs`` that belong to no run of this config (left
         by earlier versions of it); by default they are kept and listed in ``Sweep.stale``.
 
-    A finished run is reused only if it was computed on the same kind of machine (:func:`_machine`:
-    backend, device kind and count, ``XLA_FLAGS``, and on the CPU backend the CPU model); others are
-    recomputed here (their timings, and possibly their rounding, belong to another machine).
+    A finished run is reused only if its record is the run's own (its id and spec) and it was computed
+    on the same kind of machine (:func:`_machine`: backend, device kind and count, ``XLA_FLAGS``, on
+    the CPU backend the CPU model, JAX's default PRNG implementation, numpy and optax versions);
+    others are recomputed here (their timings, and possibly their rounding, belong to another
+    machine). ``config.json`` and ``env.json`` are written with ``results.json`` and ``runs.json`` at
+    the end, so an interrupted re-run leaves the previous four together; if the process pool of
+    ``jobs > 1`` breaks (a worker killed, e.g. out of memory), the unfinished runs are recorded as
+    failed and the report is written.
 
     Returns: a :class:`Sweep`. Raises ``ConfigError`` before anything is written for a bad config, and
     :class:`GradlabError` if ``out`` is a file, not writable, or a non-empty folder that gradlab did
@@ -589,11 +656,16 @@ def run(
     ids = [run_id(s, fingerprint, jax_version) for s in specs]
     unique = dict(zip(ids, specs, strict=True))
     out = Path(out) if out is not None else Path("gradlab-runs") / resolved.name
+    if out.is_dir() and _is_report_folder(out):
+        _clear_temp(out)
     _check_out(out)  # before any work
     runs_dir = out / "runs"
-    _clear_temp(runs_dir)
     cached = (
-        {} if force else {rid: _read_finished(runs_dir / rid / "result.json") for rid in unique}
+        {}
+        if force
+        else {
+            rid: _read_finished(runs_dir / rid / "result.json", rid, s) for rid, s in unique.items()
+        }
     )
     if any(r is not None for r in cached.values()):
         import jax
@@ -613,7 +685,7 @@ def run(
         )
     resolved_json = resolved.to_json()
     _prepare_out(out)
-    R.atomic_write(out / "config.json", dumps(resolved_json))
+    runs_dir.mkdir(exist_ok=True)  # marks the folder as gradlab's from the start (resumable)
     env_path = out / "env.json"
     env = None if todo else _read_env(env_path)
     if env is None:
@@ -621,7 +693,6 @@ def run(
 
         with jax.enable_x64(True):  # what the runs see (see _execute_one)
             env = environment(argv)
-        R.atomic_write(env_path, dumps(env))
     _launch(kind_name, todo, jobs=jobs, launcher=launcher, out=out, progress=progress)
     # results read above are reused; only the runs computed now are read back
     fresh_ids = [t[0] for t in todo]
@@ -640,9 +711,14 @@ def run(
         and stamp_path.read_text() == stamp
         and (out / "report.html").exists()
         and (out / "report.md").exists()
+        and _figures_present(out)
     )
+    # config.json and env.json are written with the results they describe: an interrupted re-run
+    # of an edited config leaves the previous four files together
     R.atomic_write(out / "results.json", results_text)
     R.atomic_write(out / "runs.json", runs_text)
+    R.atomic_write(out / "config.json", dumps(resolved_json))
+    R.atomic_write(env_path, dumps(env))
     if fresh:
         files = {
             "markdown": out / "report.md",
@@ -680,6 +756,26 @@ def run(
     )
 
 
+def _malformed(config: Any, records: Any, rows: Any) -> str | None:
+    """What is wrong with the shapes of ``config.json``, ``runs.json`` and ``results.json`` (valid JSON
+    that :func:`run` never writes), or None."""
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+        return "config.json: expected an object with a 'kind'"
+    if not isinstance(records, list) or not records:
+        return "runs.json: expected a non-empty list of run records"
+    for r in records:
+        if not (
+            isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("spec"), dict)
+        ):
+            return "runs.json: expected run records with an 'id' and a 'spec'"
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "run_id" in r for r in rows):
+        return "results.json: expected a list of rows with a 'run_id'"
+    ids = {r["id"] for r in records}
+    if not ids <= {r["run_id"] for r in rows}:
+        return "results.json: some runs of runs.json have no row"
+    return None
+
+
 def rerender(out: str | Path) -> Sweep:
     """Re-render the report of folder ``out`` from its ``config.json``, ``env.json`` and the run
     results listed in ``results.json`` (nothing is recomputed): after a change to the report code,
@@ -708,9 +804,17 @@ def rerender(out: str | Path) -> Sweep:
     try:
         resolved_json = json.loads((out / "config.json").read_text())
         rows = json.loads((out / "results.json").read_text())
-        runs = R.join(json.loads((out / "runs.json").read_text()), rows)
-    except (OSError, ValueError, KeyError) as e:
-        raise GradlabError(f"{out}: cannot read the results ({e}); re-run the config.") from None
+        records = json.loads((out / "runs.json").read_text())
+        problem = _malformed(resolved_json, records, rows)
+        if problem is None:
+            runs = R.join(records, rows)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise GradlabError(
+            f"{out}: cannot read the results ({problem}); re-run the config "
+            "(`gradlab run CONFIG --out DIR` reuses the finished runs under runs/)."
+        ) from None
     env = _read_env(out / "env.json") or {}
     if not os.access(out, os.W_OK | os.X_OK):
         raise GradlabError(
