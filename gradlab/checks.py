@@ -1167,11 +1167,15 @@ def _fit_v(hs: np.ndarray, errs: np.ndarray, p: int) -> tuple[float, float, floa
     constants are read off the arms: ``a`` = median of ``e·h`` well left of the optimum, ``b`` =
     median of ``e/h^p`` well right of it (errors in ``(0, 0.5)`` only: beyond that the quotient is
     saturated or no longer asymptotic); then ``h* = (a/(p·b))^{1/(p+1)}``, iterated from the argmin.
-    Falls back to the argmin where an arm is missing.
+    Falls back to the argmin where an arm is missing (``b`` is still read off a right arm alone, and
+    is NaN only where the errors have no truncation arm).
     """
     usable = np.isfinite(errs) & (errs > 0) & (errs < 0.5)
     h_best = float(hs[int(np.nanargmin(np.where(np.isfinite(errs), errs, np.inf)))])
     a = b = float("nan")
+    right = usable & (hs > h_best * 4)
+    if right.any():  # the truncation constant, even where the round-off arm is missing
+        b = float(np.median(errs[right] / hs[right] ** p))
     for _ in range(5):
         left, right = usable & (hs < h_best / 4), usable & (hs > h_best * 4)
         if not left.any() or not right.any():

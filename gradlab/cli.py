@@ -66,9 +66,11 @@ def _parse_point(text: str, dtype: str = "float64") -> Any:
             raise UsageError(
                 f"--at{where}: expected numbers or nested lists of numbers, got {v!r}."
             ) from None
-        if not np.all(np.isfinite(a)):
-            raise UsageError(f"--at{where}: expected finite numbers, got {v!r}.")
-        return jnp.asarray(a, dtype=dtype)
+        with np.errstate(over="ignore"):
+            cast = np.asarray(a, dtype=dtype)  # 1e39 overflows float32: checked after the cast
+        if not np.all(np.isfinite(cast)):
+            raise UsageError(f"--at{where}: expected finite numbers in {dtype}, got {v!r}.")
+        return jnp.asarray(cast)
 
     return to_array(value, "")
 
@@ -119,7 +121,8 @@ def _trial_call(name: str, g: Any, x: Any) -> None:
     except Exception as e:  # the user's function may fail in any way
         raise UsageError(
             f"{name} raised {_first_line(e)} when called at the --at point "
-            f"({_describe_point(x)}, {_point_dtype(x)}). Give a point the function accepts."
+            f"({_describe_point(x)}, {_point_dtype(x)}). Check that it is a pure JAX function of a point "
+            "of this shape."
         ) from None
 
 

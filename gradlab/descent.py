@@ -703,8 +703,8 @@ def run(
       num_steps: the maximum number of steps, an integer ≥ 1.
       tol: the stopping tolerance (> 0), or ``None`` to run all ``num_steps`` steps.
       f_star: the optimal value ``f*`` (e.g. ``problem.min_value``), or ``None``. It must be a lower
-        bound: an ``f*`` above ``f(x₀)`` (beyond rounding) is an ``OptionError``, since the relative
-        gap would start negative and its test pass at once.
+        bound: with ``tol``, an ``f*`` above ``f(x₀)`` (beyond rounding) is an ``OptionError``, since
+        the relative gap would start negative and its test pass at once.
       chunk_size: the most steps per call of the compiled loop (the host checks in between). Default: the
         whole run, rounded up to a power of two (at least 256, at most 65536), so that runs of similar
         lengths share one executable; the loop exits at the stop, so no step past it is computed.
@@ -736,7 +736,7 @@ def run(
       OptionError: a missing/invalid ``key``, ``num_steps < 1``, ``tol ≤ 0``, a non-callable strategy ...;
         a relative-gap ``tol`` below what the loss's dtype resolves, ``2ε|f*|/(f(x₀) − f*)`` (checked
         once ``f(x₀)`` is known, before any step: in float32 the loss would round onto ``f*`` first);
-        an ``f_star`` above ``f(x₀)``; integer ``params``; a ``gradlab.grads`` constructor passed
+        an ``f_star`` above ``f(x₀)`` (with ``tol``); integer ``params``; a ``gradlab.grads`` constructor passed
         uncalled as the strategy.
       ShapeError: the strategy's gradient does not have the structure of ``params``.
 
@@ -1094,11 +1094,10 @@ def fd_cg(
         step = check_positive("step", step)
     if not isinstance(check_decrease, bool):
         raise OptionError(f"check_decrease: expected True or False, got {check_decrease!r}.")
+    check_float_params("params", params)  # per leaf: ravel_pytree promotes a mixed tree
     x0, unravel = jax.flatten_util.ravel_pytree(params)
-    if not jnp.issubdtype(x0.dtype, jnp.floating) or x0.size == 0:
-        raise OptionError(
-            f"params: expected a non-empty pytree of float arrays, got dtype {x0.dtype}, size {x0.size}."
-        )
+    if x0.size == 0:
+        raise OptionError("params: expected a non-empty pytree of float arrays, got size 0.")
     restart_every = x0.size if restart_every is None else restart_every
     restart_every = check_positive_int("restart_every", restart_every)
     check_scalar_output("fn", jax.eval_shape(fn, params))

@@ -140,13 +140,9 @@ class Strategy:
 
 def _flatten(name: str, fn: Callable, params: Params):
     """Check ``fn`` returns a real scalar, ravel ``params``; return ``(x, unravel, f_flat)``."""
+    check_float_params(f"{name}: params", params)  # per leaf: ravel_pytree promotes a mixed tree
     check_scalar_output(f"{name}: fn", jax.eval_shape(fn, params))
     x, unravel = ravel_pytree(params)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise OptionError(
-            f"{name}: params: expected floating-point parameters, got dtype {x.dtype}. "
-            "Cast them to a float dtype, e.g. jnp.asarray(params, jnp.float64)."
-        )
     if x.size == 0:
         raise ShapeError(
             f"{name}: params: expected at least one entry, got a pytree of total size 0 "

@@ -112,6 +112,10 @@ def test_check_user_function_with_dict_point(capsys, user_module):
         (["check", "mylosses:dict_loss", "--at", "[1.0, 2.0]"], "mylosses:dict_loss raised"),
         (["check", "mylosses:raises", "--at", "[1.0]"], "RuntimeError: my bug"),
         (["check", "mylosses:loss", "--at", "[1.0, NaN]"], "--at: expected finite numbers"),
+        (
+            ["check", "mylosses:loss", "--at", "[1.0, 1e39]", "--dtype", "float32"],
+            "--at: expected finite numbers in float32",
+        ),
         (["check", "mylosses:int_valued", "--at", "[1.0]"], "real floating-point scalar"),
         (
             ["check", "mylosses:loss", "--at", "[1.0, 2.0]", "--reference", "mylosses:raises"],

@@ -340,3 +340,13 @@ def test_call_errors():
         grads.forward_gradient(num_directions=5, distribution="coordinate")(
             jnp.sum, x, jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize("name", ["exact", "forward_mode", "central_difference", "two_point"])
+def test_integer_leaves_are_an_error_even_in_a_mixed_tree(name):
+    """ravel_pytree promotes {float, int} leaves to float: the integer leaf's gradient came back as int
+    zeros; every strategy now names the leaf."""
+    f = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2.0)  # noqa: E731
+    params = {"a": jnp.ones(2), "b": jnp.arange(2)}
+    with pytest.raises(OptionError, match=r"params: leaf \['b'\] has dtype int"):
+        grads.make(name)(f, params, jax.random.key(0))

@@ -314,15 +314,27 @@ def _write_record(record: dict[str, Any], path: str) -> dict[str, Any]:
     return {"id": record["id"], "status": record["status"], "error": record.get("error")}
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    """The inode and modification time of ``path`` (None if absent): :func:`R.atomic_write` replaces
+    a file, so a changed stamp means it was written since."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
 def _record_broken_pool(
-    todo: Sequence[tuple[str, Mapping[str, Any], str]], since: float, e: Exception
-):
+    todo: Sequence[tuple[str, Mapping[str, Any], str]],
+    before: Mapping[str, tuple[int, int] | None],
+    e: Exception,
+) -> None:
     """After the process pool broke (a worker was killed: out of memory, a signal), record every run of
-    ``todo`` that wrote no result since ``since`` as failed, so the sweep's report says so; a re-run
-    computes them again."""
+    ``todo`` whose result file was not written during the sweep (its stamp unchanged since
+    ``before``) as failed, so the sweep's report says so; a re-run computes them again."""
     for rid, spec, path in todo:
-        p = Path(path)
-        if p.exists() and p.stat().st_mtime >= since:
+        stamp = _stamp(path)
+        if stamp is not None and stamp != before.get(path):
             continue  # finished before the pool broke
         error = (
             f"not computed: the sweep's worker processes stopped ({type(e).__name__}: "
@@ -371,7 +383,7 @@ def _read_finished(path: Path, rid: str, spec: Mapping[str, Any]) -> dict[str, A
         return None
     if record.get("id") != rid or not isinstance(record.get("spec"), dict):
         return None
-    if canonical(record["spec"]) != canonical(spec):
+    if canonical(record["spec"]) != canonical(_clean(dict(spec))):  # as written (inf → null)
         return None
     needed = ("summary", "points", "machine")
     return record if all(k in record for k in needed) else None
@@ -460,15 +472,20 @@ def _launch(
                 # accelerator's memory in every one of them (the workers read this when they start)
                 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
-            since = time.time() - 1.0  # file times are coarser than the clock on some filesystems
+            from joblib.externals.loky.process_executor import (
+                BrokenProcessPool,
+                TerminatedWorkerError,
+            )
+
+            before = {path: _stamp(path) for _, _, path in todo}
             try:
                 for res in parallel(
                     delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
                 ):
                     done.append(res)
                     bar.advance(task)
-            except Exception as e:  # the pool itself broke: _execute_one records a run's own errors
-                _record_broken_pool(todo, since, e)
+            except (TerminatedWorkerError, BrokenProcessPool) as e:  # a worker died; a run's own
+                _record_broken_pool(todo, before, e)  # errors are recorded by _execute_one
     return done
 
 
@@ -502,9 +519,8 @@ def _figures_present(out: Path) -> bool:
         text = (out / "report.md").read_text()
     except OSError:
         return False
-    return all(
-        (out / "figures" / name).is_file() for name in re.findall(r"figures/([^)\s]+)", text)
-    )
+    names = re.findall(r"\]\(figures/([^)\s]+)\)", text)
+    return all((out / "figures" / name).is_file() for name in names)
 
 
 def _is_report_folder(out: Path) -> bool:
@@ -759,15 +775,19 @@ def run(
 def _malformed(config: Any, records: Any, rows: Any) -> str | None:
     """What is wrong with the shapes of ``config.json``, ``runs.json`` and ``results.json`` (valid JSON
     that :func:`run` never writes), or None."""
-    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
-        return "config.json: expected an object with a 'kind'"
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(k), str) for k in ("kind", "name")
+    ):
+        return "config.json: expected an object with a 'kind' and a 'name'"
     if not isinstance(records, list) or not records:
         return "runs.json: expected a non-empty list of run records"
     for r in records:
         if not (
-            isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("spec"), dict)
+            isinstance(r, dict)
+            and all(isinstance(r.get(k), str) for k in ("id", "status"))
+            and isinstance(r.get("spec"), dict)
         ):
-            return "runs.json: expected run records with an 'id' and a 'spec'"
+            return "runs.json: expected run records with an 'id', a 'status' and a 'spec'"
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "run_id" in r for r in rows):
         return "results.json: expected a list of rows with a 'run_id'"
     ids = {r["id"] for r in records}

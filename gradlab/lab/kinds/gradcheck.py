@@ -187,12 +187,15 @@ def report(runs: Sequence[Mapping[str, Any]], resolved_json: Mapping[str, Any]) 
         for prob, members in by_problem.items():
             row: list[Any] = [prob]
             for m in ("forward", "central"):
-                if all(r["summary"].get(f"truncation.{m}", 1.0) is None for r in members):
+                with_arm = [
+                    r for r in members if r["summary"].get(f"truncation.{m}", 1.0) is not None
+                ]
+                if not with_arm:
                     row.append("— (no truncation arm)")
-                else:
+                else:  # repeats without a truncation arm have no optimum to count
                     row.append(
                         R.median_range(
-                            [r["summary"].get(f"best_step.{m}") for r in members], fmt="{:.2e}"
+                            [r["summary"].get(f"best_step.{m}") for r in with_arm], fmt="{:.2e}"
                         )
                     )
                 row.append(
