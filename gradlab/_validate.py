@@ -202,8 +202,9 @@ def check_key(key: Any, who: str) -> None:
         )
 
 
-def check_same_structure(argument: str, tree: Any, like: Any) -> None:
-    """Raise :class:`ShapeError` unless ``tree`` has the structure and leaf shapes of ``like``."""
+def check_same_structure(argument: str, tree: Any, like: Any, *, dtypes: bool = False) -> None:
+    """Raise :class:`ShapeError` unless ``tree`` has the structure and leaf shapes of ``like`` (and,
+    with ``dtypes``, :class:`OptionError` unless its leaves have their dtypes too)."""
     import jax
 
     t_leaves, t_def = jax.tree.flatten(tree)
@@ -213,11 +214,17 @@ def check_same_structure(argument: str, tree: Any, like: Any) -> None:
             f"{argument}: expected a pytree with the structure of the parameters, {l_def}; got {t_def}."
         )
     for a, (path, b) in zip(t_leaves, l_paths, strict=True):
+        where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
         if jax.numpy.shape(a) != jax.numpy.shape(b):
-            where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
             raise ShapeError(
                 f"{argument}: {where} has shape {jax.numpy.shape(a)}, expected {jax.numpy.shape(b)} "
                 "(the shape of the matching parameter)."
+            )
+        if dtypes and (ta := jax.numpy.result_type(a)) != (tb := jax.numpy.result_type(b)):
+            raise OptionError(
+                f"{argument}: {where} has dtype {ta}, expected {tb} (the dtype of the matching "
+                f"parameter). Cast it, e.g. jax.tree.map(lambda a, b: a.astype(b.dtype), "
+                f"{argument}, params)."
             )
 
 

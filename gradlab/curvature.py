@@ -205,20 +205,7 @@ def _check_loss(f: Callable, x: Any) -> None:
 
 def _check_direction(v: Any, x: Any) -> None:
     """``v`` must be a direction at ``x``: its structure, leaf shapes and dtypes."""
-    check_same_structure("v", v, x)
-    for path, a, b in zip(
-        [p for p, _ in jax.tree_util.tree_flatten_with_path(x)[0]],
-        jax.tree.leaves(v),
-        jax.tree.leaves(x),
-        strict=True,
-    ):
-        if jnp.result_type(a) != jnp.result_type(b):
-            where = f"leaf {jax.tree_util.keystr(path)}" if path else "the array"
-            raise OptionError(
-                f"v: {where} has dtype {jnp.result_type(a)}, expected {jnp.result_type(b)} (the dtype "
-                "of the matching leaf of x). Cast it, e.g. "
-                "jax.tree.map(lambda a, b: a.astype(b.dtype), v, x)."
-            )
+    check_same_structure("v", v, x, dtypes=True)
 
 
 def _hvp_fwd_rev(f, x, v):
