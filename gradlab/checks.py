@@ -69,6 +69,7 @@ from gradlab._validate import (
     OptionError,
     ShapeError,
     check_choice,
+    check_float_params,
     check_key,
     check_positive,
     check_positive_int,
@@ -189,12 +190,7 @@ def _as_point(argument: str, x: Any) -> Any:
     leaves = jax.tree.leaves(x)
     if not leaves or sum(leaf.size for leaf in leaves) == 0:
         raise ShapeError(f"{argument}: expected a pytree with at least one entry, got {x!r}.")
-    for path, leaf in zip(leaf_paths(x), leaves, strict=True):
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise OptionError(
-                f"{argument}: leaf {('x' + path)!r} has dtype {leaf.dtype}; gradients need real "
-                "floating leaves. Convert it, e.g. jnp.asarray(x, dtype=float)."
-            )
+    check_float_params(argument, x)
     return x
 
 

@@ -180,6 +180,28 @@ def make_problem(spec: Mapping[str, Any], key: Any, dtype: str):
     return problems.make(spec["name"], key, dtype=dtype, **problem_options(spec))
 
 
+def build_problem_points(
+    entries: Sequence[Mapping[str, Any]], dtype: str, kind_name: str
+) -> tuple[list[tuple[dict[str, Any], Any]], list[str]]:
+    """Build every problem point of ``entries`` once, for the deep config checks: ``(spec, problem)``
+    pairs and the errors, each naming ``<kind>.problem[i]`` and the point (an entry stops at its first
+    failing point). Call under x64, as the runs execute."""
+    import jax
+
+    from gradlab import problems
+
+    built, errors = [], []
+    for i, entry in enumerate(entries):
+        for spec in expand_entries([entry]):
+            try:
+                built.append((spec, make_problem(spec, jax.random.key(0), dtype)))
+            except Exception as e:
+                label = entry_label(spec, problems.options(spec["name"]))
+                errors.append(f"{kind_name}.problem[{i}] ({label}): {e}")
+                break
+    return built, errors
+
+
 def thin(n: int, points: int) -> np.ndarray:
     """At most ``points`` (≥ 2) indices of ``0..n``: half linear, half geometric, with 0 and n.
 

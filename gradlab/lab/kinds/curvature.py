@@ -39,6 +39,7 @@ from pydantic import Field, StrictBool
 from gradlab.lab.config import Base, PosInt, PositiveFloat, Sweep
 from gradlab.lab.kinds._common import (
     base_spec,
+    build_problem_points,
     entry_label,
     expand_entries,
     make_problem,
@@ -110,33 +111,27 @@ def check_instances(section: Section, experiment: Any) -> list[str]:
     from gradlab import problems
     from gradlab.curvature import _MIN_MATVECS
 
-    errors = []
     with jax.enable_x64(True):  # as the runs will
-        for i, entry in enumerate(section.problem):
-            for spec in expand_entries([entry]):
-                label = entry_label(spec, problems.options(spec["name"]))
-                try:
-                    problem = make_problem(spec, jax.random.key(0), experiment.dtype)
-                except Exception as e:
-                    errors.append(f"{NAME}.problem[{i}] ({label}): {e}")
-                    break
-                d = sum(int(np.size(a)) for a in jax.tree.leaves(problem.init))
-                if d > section.max_dim:
+        built, errors = build_problem_points(section.problem, experiment.dtype, NAME)
+        for spec, problem in built:
+            label = entry_label(spec, problems.options(spec["name"]))
+            d = sum(int(np.size(a)) for a in jax.tree.leaves(problem.init))
+            if d > section.max_dim:
+                errors.append(
+                    f"{NAME}.max_dim: problem {label} has d = {d} parameters > max_dim = "
+                    f"{section.max_dim}: the dense Hessian oracle ({d}² entries) would not fit; "
+                    f"raise {NAME}.max_dim or shrink the problem."
+                )
+                continue
+            for method in section.method:
+                need = min(d, _MIN_MATVECS[method])  # a budget ≥ d is the exact trace
+                low = sorted({m for m in section.num_matvecs if m < need})
+                if low:
                     errors.append(
-                        f"{NAME}.max_dim: problem {label} has d = {d} parameters > max_dim = "
-                        f"{section.max_dim}: the dense Hessian oracle ({d}² entries) would not fit; "
-                        f"raise {NAME}.max_dim or shrink the problem."
+                        f"{NAME}.num_matvecs: method {method!r} needs at least {need} matvecs "
+                        f"(for an error bar) on problem {label} (d = {d}); got {low}. Raise "
+                        f"num_matvecs or drop {method!r}."
                     )
-                    continue
-                for method in section.method:
-                    need = min(d, _MIN_MATVECS[method])  # a budget ≥ d is the exact trace
-                    low = sorted({m for m in section.num_matvecs if m < need})
-                    if low:
-                        errors.append(
-                            f"{NAME}.num_matvecs: method {method!r} needs at least {need} matvecs "
-                            f"(for an error bar) on problem {label} (d = {d}); got {low}. Raise "
-                            f"num_matvecs or drop {method!r}."
-                        )
     return errors
 
 

@@ -39,6 +39,7 @@ from gradlab.lab.config import (
 )
 from gradlab.lab.kinds._common import (
     base_spec,
+    build_problem_points,
     entry_label,
     expand_entries,
     make_problem,
@@ -247,15 +248,7 @@ def _check_instances_x64(problems, strategies, experiment, optimizers) -> list[s
 
     from gradlab import grads
 
-    errors = []
-    built = []
-    for i, entry in enumerate(problems):
-        for spec in expand_entries([entry]):
-            try:
-                built.append((spec, make_problem(spec, jax.random.key(0), experiment.dtype)))
-            except Exception as e:
-                errors.append(f"{NAME}.problem[{i}] ({_problem_label(spec)}): {e}")
-                break
+    built, errors = build_problem_points(problems, experiment.dtype, NAME)
     for i, opt in enumerate(optimizers):
         if opt["name"] == "lbfgs" or "theory" not in opt["learning_rate"]:
             continue
