@@ -643,6 +643,16 @@ def test_remat_kind_measures_recompute_and_plan(tmp_path):
     md = (out / "report.md").read_text()
     assert "Pareto front at L = 4" in md and "memory ∝ L^p" in md
     assert len(list((out / "figures").glob("*.png"))) == 3
+    # the tidy table carries the measurements (one row per run), not only the parameters
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 6
+    for row in rows:
+        summary = runs[(row["layers"], row["strategy"])]
+        assert row["memory_bytes"] == summary["memory_bytes"] > 0
+        assert row["dot_flops"] == summary["dot_flops"] > 0
+    # and a re-render from the folder gives the same report
+    lab.rerender(out)
+    assert (out / "report.md").read_text() == md
 
 
 def test_admodes_kind_finds_the_crossover(tmp_path):
@@ -662,7 +672,17 @@ def test_admodes_kind_finds_the_crossover(tmp_path):
     runs = json.loads((out / "runs.json").read_text())
     picks = {r["spec"]["m"]: r["summary"]["auto_mode"] for r in runs}
     assert picks == {5: "reverse", 10: "reverse", 20: "forward", 40: "forward", 80: "forward"}
-    assert "20 by FLOPs" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "20 by FLOPs" in md
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["m"]: r["auto_mode"] for r in rows} == picks
+    summaries = {r["spec"]["m"]: r["summary"] for r in runs}
+    for r in rows:
+        for op in ("forward", "jacfwd", "jacrev", "jacobian"):
+            assert r[f"flops.{op}"] == summaries[r["m"]][f"flops.{op}"] > 0
+        assert r["clock_used"] == summaries[r["m"]]["clock"] and r["run_time.jacrev"] > 0
+    lab.rerender(out)
+    assert (out / "report.md").read_text() == md
 
 
 # ---------------------------------------------------------------------------------------------
