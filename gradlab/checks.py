@@ -1098,10 +1098,13 @@ class StepSweep:
       steps: the steps ``h`` (a 1-D float64 array, increasing).
       errors: method → array of relative errors ``|D_h − D|/|D|``, one per step.
       best_step: method → the measured optimal step: the minimiser ``(a/(p·b))^{1/(p+1)}`` of the
-        V fitted to the measured errors, ``a/h + b·h^p`` (``p = 1`` forward, ``2`` central).
+        V fitted to the measured errors, ``a/h + b·h^p`` (``p = 1`` forward, ``2`` central); the
+        argmin of the errors where they have no truncation arm (``b`` NaN).
       predicted_step: method → ``√ε·scale`` (forward) or ``ε^{1/3}·scale`` (central).
       fit: method → ``(a, b)``: the round-off and truncation constants read off the two arms of the
-        measured V (medians of ``e·h`` left of the optimum and of ``e/h^p`` right of it).
+        measured V (medians of ``e·h`` left of the optimum and of ``e/h^p`` right of it); ``b`` is
+        NaN where the errors have no arm rising like ``h^p`` (the quotient is exact up to rounding,
+        as central differences of a quadratic, or jumps at a kink of a piecewise-smooth ``f``).
       exact: ``D = ⟨∇f(x), v⟩`` from ``jax.jvp``.
       direction: the unit direction ``v`` (a pytree like ``x``).
       scale: ``max(1, ‖x‖∞)``.
@@ -1164,20 +1167,36 @@ def _fit_v(hs: np.ndarray, errs: np.ndarray, p: int) -> tuple[float, float, floa
     median of ``e/h^p`` well right of it (errors in ``(0, 0.5)`` only: beyond that the quotient is
     saturated or no longer asymptotic); then ``h* = (a/(p·b))^{1/(p+1)}``, iterated from the argmin.
     Falls back to the argmin where an arm is missing (``b`` is still read off a right arm alone, and
-    is NaN only where the errors have no truncation arm).
+    is NaN where the errors have no truncation arm). A right arm must rise like ``h^p``: one that
+    does not (the log-log slope of its upper half below ``p/2``: the jump of a difference quotient whose stencil
+    straddles a kink of a piecewise-smooth ``f``, then flat or falling) is no truncation arm, and
+    ``b`` is NaN there too: the errors have no interior optimum to fit.
     """
     usable = np.isfinite(errs) & (errs > 0) & (errs < 0.5)
     h_best = float(hs[int(np.nanargmin(np.where(np.isfinite(errs), errs, np.inf)))])
     a = b = float("nan")
+
+    def truncation(right: np.ndarray) -> float:
+        idx = np.flatnonzero(right)
+        # the slope of the arm's upper half (its lower end may still be round-off)
+        if idx.size >= 2:
+            top = idx[idx.size // 2 :] if idx.size >= 4 else idx
+            slope = np.polyfit(np.log(hs[top]), np.log(errs[top]), 1)[0]
+            if slope < p / 2:
+                return float("nan")
+        return float(np.median(errs[right] / hs[right] ** p))
+
     right = usable & (hs > h_best * 4)
     if right.any():  # the truncation constant, even where the round-off arm is missing
-        b = float(np.median(errs[right] / hs[right] ** p))
+        b = truncation(right)
     for _ in range(5):
         left, right = usable & (hs < h_best / 4), usable & (hs > h_best * 4)
-        if not left.any() or not right.any():
+        if not left.any() or not right.any() or not math.isfinite(b):
             break
         a = float(np.median(errs[left] * hs[left]))
-        b = float(np.median(errs[right] / hs[right] ** p))
+        b = truncation(right)
+        if not math.isfinite(b):
+            break
         h_new = float(np.clip((a / (p * b)) ** (1 / (p + 1)), hs[0], hs[-1]))
         converged = abs(math.log(h_new / h_best)) < 1e-3
         h_best = h_new

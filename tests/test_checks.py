@@ -351,6 +351,26 @@ def test_step_sweep_optimum_matches_theory(key, random_direction):
     assert one_size >= 1  # the second claim is not vacuous (3-5 of 7 along the all-ones direction)
 
 
+def test_step_sweep_kink_is_no_truncation_arm():
+    """A piecewise-quadratic f: central differences are exact up to rounding until the stencil
+    straddles the kink (h ≈ 0.017 here), then jump to a flat 2e-2-size error. That jump is no arm
+    rising like h²: the fit must not read a truncation constant (nor an optimum at 8e-5, as it did)
+    off it. Forward differences keep their slope-1 arm, b = f''/(2|D|), from the quadratic term."""
+
+    def f(x):
+        return 0.01 * jnp.sum(jax.nn.relu(x - 1.0)) + 0.05 * jnp.sum(x**2)
+
+    x = jnp.array([0.99, 0.5, 0.3])  # the kink at x₀ = 1, 0.01 away (h·(1/√3) along the ones)
+    sweep = checks.step_sweep(f, x)
+    jump = sweep.errors["central"][sweep.steps > 0.05]
+    assert np.all((1e-3 < jump) & (jump < 0.5))  # the jump is in the sweep, in the fitted range
+    assert np.isnan(sweep.fit["central"][1])
+    assert sweep.best_step["central"] > 1e-3  # the argmin, just before the stencil reaches the kink
+    a, b = sweep.fit["forward"]
+    second = 0.1  # f'' along v = 0.1·‖v‖²
+    assert np.isfinite(a) and b == pytest.approx(second / 2 / abs(sweep.exact), rel=1e-3)
+
+
 def test_step_sweep_table_and_shapes(key):
     sweep = checks.step_sweep(smooth, point(key), steps=np.logspace(-12, -2, 21))
     assert sweep.steps.shape == (21,)
