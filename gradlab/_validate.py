@@ -196,9 +196,12 @@ def check_key(key: Any, who: str) -> None:
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
     raw = dtype is not None and dtype == jnp.uint32 and shape == (2,)
     if not (typed or raw):
+        got = type(key).__name__
+        if dtype is not None or shape is not None:
+            got += f" with dtype {dtype} and shape {shape}"
         raise OptionError(
-            f"key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got "
-            f"{type(key).__name__} with dtype {dtype} and shape {shape}. Pass key=jax.random.key(seed)."
+            f"key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got {got}. "
+            "Pass key=jax.random.key(seed)."
         )
 
 

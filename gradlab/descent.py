@@ -587,7 +587,22 @@ def _compiled(fn, strategy, optimizer, cfg: _Config, params, key) -> tuple[_Exec
 
 
 def clear_cache() -> None:
-    """Drop the compiled executables that :func:`run` and :func:`fd_cg` keep between calls."""
+    """Drop the compiled executables that :func:`run` and :func:`fd_cg` keep between calls.
+
+    A second call of :func:`run` with the same ``fn``, strategy, optimizer, options and parameter
+    shapes reuses the executables (``History.compile_time`` 0); after ``clear_cache()`` it compiles
+    anew (to time compilation, or to free the memory of many cached configurations).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from gradlab import grads
+    >>> f, opt, strategy = lambda x: jnp.sum(x**2), optax.sgd(0.1), grads.exact()
+    >>> run_ = lambda: run(f, jnp.ones(3), strategy, opt, key=jax.random.key(0), num_steps=5)
+    >>> first, again = run_(), run_()
+    >>> first.compile_time > 0, again.compile_time == 0
+    (True, True)
+    >>> clear_cache(); run_().compile_time > 0
+    True
+    """
     _CACHE.clear()
     _FD_CG_CACHE.clear()
 

@@ -95,7 +95,9 @@ class GradEstimate(NamedTuple):
       num_grads: int32, reverse-mode gradient evaluations (``exact``: 1).
       num_jvps: int32, Jacobian-vector products (``forward_mode``: d; ``forward_gradient``: k).
       std_error: scalar, the standard error of ``grad`` in norm, ``sqrt(tr Ĉov / k)`` from the ``k``
-        per-direction estimates; 0 for deterministic strategies; NaN where it cannot be estimated (k = 1).
+        per-direction estimates, times the finite-population correction ``sqrt(1 − k/d)`` for
+        directions drawn without replacement (``orthogonal``, ``coordinate``; Cochran 1977, §2.5: 0 at
+        ``k = d``); 0 for deterministic strategies; NaN where it cannot be estimated (k = 1).
     """
 
     value: jax.Array
@@ -425,7 +427,8 @@ def two_point(
     same key (up to summation order). ``"orthogonal"`` has no lean mode.
 
     Value: the mean of the ``2k`` evaluations, ``f(x) + O(μ²)``. Standard error: ``sqrt(tr Ĉov / k)`` of
-    the per-direction estimates ``G_i = c_i v_i / m`` (NaN for ``k = 1``).
+    the per-direction estimates ``G_i = c_i v_i / m`` (NaN for ``k = 1``), times ``sqrt(1 − k/d)`` for
+    ``orthogonal`` and ``coordinate`` directions (drawn without replacement: 0 at ``k = d``).
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda x: 0.5 * jnp.sum(x**2)
@@ -526,7 +529,8 @@ def forward_gradient(
     vmapped all at once or in chunks of ``batch_size``). With ``E[v vᵀ] = m I`` the estimate is unbiased;
     for the default Gaussian ``v`` (``m = 1``) it is Baydin et al.'s ``⟨∇f, v⟩ v`` with
     ``E‖G‖² = (1 + (d+1)/k)‖∇f‖²``. The value is the exact ``f(x)``; the standard error is
-    ``sqrt(tr Ĉov / k)`` of the per-direction estimates (NaN for ``k = 1``).
+    ``sqrt(tr Ĉov / k)`` of the per-direction estimates (NaN for ``k = 1``), times ``sqrt(1 − k/d)``
+    for ``orthogonal`` and ``coordinate`` directions (drawn without replacement: 0 at ``k = d``).
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda x: 0.5 * jnp.sum(x**2)

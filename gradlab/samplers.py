@@ -294,5 +294,5 @@ def make(name: str, like: Any, /, *, num: int) -> Sampler:
 
     Reference: the samplers' own docstrings.
     """
-    check_choice("distribution", name, _REGISTRY)
+    check_choice("name", name, _REGISTRY)
     return _REGISTRY[name](like, num=num)

@@ -22,7 +22,8 @@ exact gradient                                ``1``               :func:`gd_step
 ============================================  ==================  ===========================
 
 (the sphere estimator is ``G = d·⟨∇f, u⟩u``, ``u`` uniform on the unit sphere, in the limit of a small
-difference step). This is the table of the seed notes: GD reaches ``‖∇f‖² = O(1/k)``,
+difference step). This is the rates table of Merkulov's lecture notes ("Matrix differentiation.
+Automatic differentiation. Checkpointing"): GD reaches ``‖∇f‖² = O(1/k)``,
 ``f − f* = O(1/k)`` and ``O((1 − μ/L)^k)``; zero-order GD reaches ``O(d/k)`` and ``O((1 − μ/(dL))^k)``.
 
 >>> round(gd_step(2.0), 3), round(zo_sphere_step(2.0, 10), 3)
@@ -141,7 +142,8 @@ def zo_orthogonal_step(L: float, d: int, k: int) -> float:
     >>> round(zo_orthogonal_step(1.0, 10, 5), 4), zo_orthogonal_step(1.0, 10, 10)
     (0.5, 1.0)
 
-    Reference: the ANCHORS note on orthonormal directions; Duchi et al. (2015).
+    Reference: Kozak, Becker, Doostan & Tenorio (2021), "Stochastic subspace descent" (random
+    orthonormal directions scaled by ``d/k``); Duchi et al. (2015) for the 1/(cL) rule.
     """
     d = check_positive_int("d", d)
     k = check_positive_int("k", k)
@@ -155,13 +157,16 @@ def zo_orthogonal_step(L: float, d: int, k: int) -> float:
 def gaussian_smoothing_step(L: float, d: int) -> float:
     """Nesterov–Spokoiny step ``α = 1/(4(d+4)L)`` for Gaussian-direction 2-point GD.
 
-    For ``u ~ N(0, I_d)`` the estimate ``⟨∇f, u⟩u`` has ``E‖G‖² ≤ (d+4)‖∇f‖²`` (their Lemma 3 with the
-    smoothing error), and their Theorem 8 takes the conservative step above.
+    For ``u ~ N(0, I_d)`` the exact directional estimate ``⟨∇f, u⟩u`` has ``E‖G‖² = (d+2)‖∇f‖² ≤
+    (d+4)‖∇f‖²``; their smoothed estimate ``g_μ = (f(x+μu) − f(x))/μ·u`` has ``E‖g_μ‖² ≤
+    2(d+4)‖∇f‖² + μ²L²(d+6)³/2``. With ``c = 2(d+4)`` the rule ``α = 1/(2cL)`` gives the step above,
+    the one of their random search method for smooth convex ``f`` (Theorem 8).
 
     >>> round(gaussian_smoothing_step(1.0, 10), 5)
     0.01786
 
-    Reference: Nesterov & Spokoiny (2017), FoCM 17:527–566, eq. (55) and Theorem 8.
+    Reference: Nesterov & Spokoiny (2017), "Random gradient-free minimization of convex functions",
+    FoCM 17:527–566, §3 (the moment bounds) and §5 (the method).
     """
     return 1.0 / (4.0 * (check_positive_int("d", d) + 4) * check_positive("L", L))
 
@@ -199,13 +204,15 @@ def zo_trace_step(L: float, d: int, trace_h: float) -> float:
 
     For ``G = d⟨g, u⟩u`` on ``f = ½xᵀHx − bᵀx``, ``E[GᵀHG] = d²E[⟨g,u⟩²uᵀHu] =
     d(tr H·‖g‖² + 2gᵀHg)/(d+2) ≤ d(tr H + 2L)‖g‖²/(d+2)``; minimising the expected quadratic model gives the
-    step above. It is never smaller than :func:`zo_sphere_step` (``tr H ≤ dL``). On the ANCHORS
-    least-squares instances it cut the iterations of 1/(dL) by 1.5–2.8×.
+    step above. It is never smaller than :func:`zo_sphere_step` (``tr H ≤ dL``). On the least-squares
+    instances of ``benchmarks/zo_budget.py`` it cut the iterations of 1/(dL) by 1.5–2.8×.
 
     >>> round(zo_trace_step(1.0, 10, 10.0), 4), round(zo_sphere_step(1.0, 10), 4)
     (0.1, 0.1)
 
-    Reference: ANCHORS.md ("trace step"); the moments of the uniform sphere distribution.
+    Reference: the moments of the uniform sphere distribution, ``E[u_i²] = 1/d``,
+    ``E[u_i⁴] = 3/(d(d+2))``, ``E[u_i²u_j²] = 1/(d(d+2))`` (e.g. Muirhead, *Aspects of Multivariate
+    Statistical Theory*, 1982, §1.5); Duchi et al. (2015) for the 2-point estimate.
     """
     d = check_positive_int("d", d)
     return (d + 2) / (d * (check_positive("trace_h", trace_h) + 2 * check_positive("L", L)))
@@ -217,7 +224,8 @@ def second_moment_factor(d: int, num_directions: int = 1, sampling: str = "iid")
     >>> second_moment_factor(10), second_moment_factor(10, 5, "orthogonal")
     (10.0, 2.0)
 
-    Reference: Duchi et al. (2015); ANCHORS.md.
+    Reference: Duchi, Jordan, Wainwright & Wibisono (2015), "Optimal rates for zero-order convex
+    optimization: the power of two function evaluations", IEEE Trans. Inf. Theory 61(5).
     """
     d = check_positive_int("d", d)
     k = check_positive_int("num_directions", num_directions)

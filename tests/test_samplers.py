@@ -89,7 +89,7 @@ def test_second_moment(name):
 def test_errors():
     with pytest.raises(OptionError, match=r"num: expected an integer ≥ 1, got -3"):
         samplers.sphere(jnp.zeros(3), num=-3)
-    with pytest.raises(UnknownNameError, match=r"distribution: unknown name 'spere'.*'sphere'"):
+    with pytest.raises(UnknownNameError, match=r"name: unknown name 'spere'.*'sphere'"):
         samplers.make("spere", jnp.zeros(3), num=1)
     with pytest.raises(OptionError, match=r"num: the 'orthogonal' sampler draws at most d = 3"):
         samplers.orthogonal(jnp.zeros(3), num=4)

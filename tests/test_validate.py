@@ -84,3 +84,22 @@ def test_check_same_structure():
         check_same_structure(
             "grad", (jnp.ones(2), Params(jnp.ones(3))), (jnp.ones(2), Params(jnp.ones(4)))
         )
+
+
+def test_check_key_names_what_it_got():
+    import jax
+
+    from gradlab._validate import check_key
+
+    check_key(jax.random.key(0), "f")
+    check_key(jax.random.PRNGKey(0), "f")
+    with pytest.raises(OptionError) as info:
+        check_key(3, "f")
+    assert str(info.value) == (
+        "key: expected a single jax.random.key(seed) (or a raw uint32[2] PRNGKey), got int. "
+        "Pass key=jax.random.key(seed)."
+    )
+    with pytest.raises(OptionError, match=r"got ArrayImpl with dtype float32 and shape \(2,\)"):
+        check_key(jnp.zeros(2, jnp.float32), "f")
+    with pytest.raises(OptionError, match="key: f needs an explicit PRNG key"):
+        check_key(None, "f")

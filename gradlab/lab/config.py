@@ -222,7 +222,19 @@ def format_error(err: Mapping[str, Any], raw: Any, prefix: Sequence[Any] = ()) -
 
 
 def format_errors(exc: pydantic.ValidationError, raw: Any, prefix: Sequence[Any] = ()) -> list[str]:
-    """Every error of a pydantic ``ValidationError`` as a ``path: message`` line (deduplicated)."""
+    """Every error of a pydantic ``ValidationError`` as a ``path: message`` line (deduplicated).
+
+    ``raw`` is the input that failed (the messages quote its values); ``prefix`` is prepended to every
+    path (a kind's section name).
+
+    >>> class Opts(pydantic.BaseModel):
+    ...     dim: pydantic.PositiveInt
+    >>> try:
+    ...     Opts.model_validate({"dim": 0})
+    ... except pydantic.ValidationError as exc:
+    ...     print(format_errors(exc, {"dim": 0}, prefix=["problem"]))
+    ['problem.dim: expected an integer > 0, got 0.']
+    """
     lines: list[str] = []
     for err in exc.errors(include_url=False):
         line = format_error(err, raw, prefix)

@@ -94,7 +94,14 @@ def _umask() -> int:
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
-    reader (or a process killed mid-write) never sees a partial file."""
+    reader (or a process killed mid-write) never sees a partial file.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "sub" / "a.txt"
+    >>> atomic_write(path, "hello")  # the folder is created
+    >>> path.read_text(), [p.name for p in path.parent.iterdir()]  # no temporary file is left
+    ('hello', ['a.txt'])
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
@@ -194,7 +201,13 @@ def line_figure(
     markers: bool = False,
 ) -> Figure:
     """A line plot: for each series, its first repeat as a thick line and the other repeats as thin
-    ones, plus its theory curve dashed in the same colour."""
+    ones, plus its theory curve dashed in the same colour. Nothing is drawn until :func:`render`.
+
+    >>> fig = line_figure("gap", title="t", xlabel="step", ylabel="gap", logy=True,
+    ...                   series=[Series("exact", [([0, 1, 2], [1.0, 0.5, 0.25])], theory=([0, 2], [1, 0.3]))])
+    >>> fig.name, fig.caption
+    ('gap', 'gap vs step — t')
+    """
 
     def draw(ax: Any) -> None:
         import numpy as np
@@ -256,7 +269,13 @@ def scatter_figure(
     points: Sequence[tuple[str, float, float, float | None, float | None]],
 ) -> Figure:
     """Labelled points ``(label, x, y, x_pred, y_pred)``: measured (filled) and, where given, predicted
-    (hollow, joined to the measurement by a thin line)."""
+    (hollow, joined to the measurement by a thin line). Nothing is drawn until :func:`render`.
+
+    >>> fig = scatter_figure("pareto", title="memory vs FLOPs", xlabel="memory", ylabel="FLOPs",
+    ...                      points=[("sqrt", 0.3, 1.3, 0.28, 1.33), ("none", 1.0, 1.0, None, None)])
+    >>> fig.name
+    'pareto'
+    """
 
     def draw(ax: Any) -> None:
         for i, (label, x, y, xp, yp) in enumerate(points):
@@ -288,7 +307,13 @@ _AXES = ("problem", "strategy", "optimizer")
 def parameters(run: Mapping[str, Any]) -> dict[str, Any]:
     """The parameter columns of a run: id, status, axis names and ``axis.option`` columns, the spec's
     scalar settings (repeat, seed, dtype, and the kind's own: budgets, sizes, points ...), display
-    labels. (Point metrics must not reuse these names.)"""
+    labels. (Point metrics must not reuse these names.)
+
+    >>> run = {"id": "r1", "status": "ok", "spec": {"kind": "descent", "seed": 0, "tol": 1e-6,
+    ...        "strategy": {"name": "two_point", "num_directions": 4}}, "labels": {"strategy_label": "zo"}}
+    >>> parameters(run)
+    {'run_id': 'r1', 'kind': 'descent', 'status': 'ok', 'seed': 0, 'tol': 1e-06, 'strategy': 'two_point', 'strategy.num_directions': 4, 'strategy_label': 'zo'}
+    """
     spec = run["spec"]
     base: dict[str, Any] = {"run_id": run["id"], "kind": spec["kind"], "status": run["status"]}
     for k, v in spec.items():
@@ -307,6 +332,14 @@ def tidy(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     gives one row with its error.
 
     Run-level summaries (steps to tol, final gap, ...) are in ``runs.json``, one row per run.
+
+    >>> run = {"id": "r1", "status": "ok", "spec": {"kind": "descent", "seed": 0},
+    ...        "timing": {"run_time": 0.5}, "summary": {"steps_to_tol": 1},
+    ...        "points": [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.0}]}
+    >>> tidy([run])
+    [{'run_id': 'r1', 'status': 'ok', 'seed': 0, 'run_time': 0.5, 'step': 0, 'loss': 2.0}, {'run_id': 'r1', 'status': 'ok', 'seed': 0, 'run_time': 0.5, 'step': 1, 'loss': 1.0}]
+    >>> join(run_rows([run]), tidy([run])) == [run]  # runs.json + results.json give the runs back
+    True
     """
     rows = []
     for run in runs:
@@ -324,7 +357,11 @@ def tidy(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``runs.json``: one record per run — id, spec, status, error, labels, summary, timing (no points)."""
+    """``runs.json``: one record per run — id, spec, status, error, labels, summary, timing (no points).
+
+    >>> run_rows([{"id": "r1", "status": "ok", "summary": {"steps_to_tol": 3}, "points": [{"step": 0}]}])
+    [{'id': 'r1', 'status': 'ok', 'summary': {'steps_to_tol': 3}}]
+    """
     return [{k: v for k, v in run.items() if k != "points"} for run in runs]
 
 
@@ -334,6 +371,10 @@ def join(run_records: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, A
     The inverse of :func:`tidy` + :func:`run_rows`. A run without points has one row that carries its
     error message under ``error``; a point may have an ``error`` metric of its own (a gradient check's
     relative error), so ``error`` is kept in the points of every run that has points.
+
+    >>> record = {"id": "r1", "status": "ok", "spec": {"kind": "gradcheck", "seed": 0}}
+    >>> join([record], [{"run_id": "r1", "status": "ok", "seed": 0, "method": "central", "error": 1e-9}])
+    [{'id': 'r1', 'status': 'ok', 'spec': {'kind': 'gradcheck', 'seed': 0}, 'points': [{'method': 'central', 'error': 1e-09}]}]
     """
     point_keys: dict[str, list[dict]] = {}
     for run in run_records:
@@ -439,7 +480,24 @@ def render(
     failures: Sequence[Mapping[str, Any]] = (),
     dpi: int = 72,
 ) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; return their paths."""
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` under ``out``; return their paths.
+
+    ``blocks`` (:class:`Heading`, :class:`Text`, :class:`Table`, :class:`Figure`) follow the title, the
+    config's description and the environment lines of ``env``; the failed runs and the resolved config
+    close the report. Every file is written atomically; figures of earlier renders that this one does
+    not draw are removed.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> files = render(out, title="demo", env={}, config={"description": "a table"},
+    ...                blocks=[Heading("results"), Table(["x", "y"], [[1, 2.5]])])
+    >>> sorted(files)
+    ['figures', 'html', 'markdown']
+    >>> print((out / "report.md").read_text().split("## results")[1].split("##")[0].strip())
+    | x | y |
+    |---|---|
+    | 1 | 2.5 |
+    """
     out = Path(out)
     figdir = out / "figures"
     head: list[Any] = [

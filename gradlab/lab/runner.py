@@ -365,6 +365,16 @@ class Sweep:
 
 
 def load_runs(out: Path, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The run records ``out/runs/<id>/result.json`` of ``ids``, in that order (each a dict with id,
+    spec, status, summary, points, timing, machine ...; what a kind's ``report`` reads).
+
+    >>> import json, tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> (out / "runs" / "abc").mkdir(parents=True)
+    >>> _ = (out / "runs" / "abc" / "result.json").write_text(json.dumps({"id": "abc", "status": "ok"}))
+    >>> load_runs(out, ["abc"])
+    [{'id': 'abc', 'status': 'ok'}]
+    """
     runs = []
     for rid in ids:
         p = out / "runs" / rid / "result.json"

@@ -293,7 +293,7 @@ def softmax_cross_entropy(
         data={"X": X, "Y": Y, "labels": labels},
         options={"dim": d, "num_classes": c, "num_samples": n, "l2": l2, "dtype": dt.name},
         description="L(W, b) = mean_i −⟨y_i, log softmax(Wᵀx_i + b)⟩ + (l2/2)(‖W‖² + ‖b‖²)",
-        reference="Bishop (2006) PRML §4.3.4; seed notes on backprop (softmax + CE gives ŷ − y)",
+        reference="Bishop (2006) PRML §4.3.4; the backpropagation lecture notes (softmax + CE gives ŷ − y)",
         analytic=False,  # the max shift of the log-softmax is not complex-safe
         smooth=True,
     )

@@ -45,7 +45,15 @@ def names() -> list[str]:
 
 
 def get(name: str) -> ModuleType:
-    """The module of kind ``name`` (raises :class:`~gradlab._validate.UnknownNameError`)."""
+    """The module of kind ``name`` (raises :class:`~gradlab._validate.UnknownNameError`).
+
+    >>> get("descent").NAME
+    'descent'
+    >>> get("decsent")
+    Traceback (most recent call last):
+    ...
+    gradlab._validate.UnknownNameError: kind: unknown name 'decsent'; expected one of [...]. Did you mean 'descent'?
+    """
     check_choice("kind", name, _MODULES)
     module = importlib.import_module(_MODULES[name])
     return module
