@@ -167,3 +167,32 @@ def test_no_traceback_from_the_console_script():
     assert proc.returncode == 2
     assert "unknown name 'not_a_problem'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _readme_cli_blocks():
+    """The README's ```text blocks that show a `$ gradlab ...` command and its output."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for block in re.findall(r"```text\n(.*?)```", readme, flags=re.S):
+        lines = block.rstrip("\n").split("\n")
+        if lines[0].startswith("$ gradlab "):
+            yield lines[0][len("$ gradlab ") :], lines[1:]
+
+
+@pytest.mark.parametrize(
+    "command", ["list problems", "list strategies", "check quadratc"], ids=lambda c: c
+)
+def test_readme_shows_the_cli_output(capsys, command):
+    """The README quotes these commands' output verbatim (deterministic: no timings, no floats of a
+    computation): the quote must be what the CLI prints now (``...`` in the quote elides, as in a
+    doctest)."""
+    import doctest
+
+    blocks = dict(_readme_cli_blocks())
+    assert command in blocks, f"README has no `$ gradlab {command}` block"
+    _, out, err = run(capsys, *command.split())
+    got = "\n".join(line.rstrip() for line in (out + err).rstrip("\n").split("\n")) + "\n"
+    want = "\n".join(line.rstrip() for line in blocks[command]) + "\n"
+    assert doctest.OutputChecker().check_output(want, got, doctest.ELLIPSIS), (want, got)

@@ -178,7 +178,7 @@ def _quadratic_hvp(x, v, *, H):
 
 @register("quadratic")
 def quadratic(key, /, *, dim=10, cond=10.0, dtype=None) -> Problem:
-    """Quadratic form f(x) = ⟨x, Ax⟩ − bᵀx + c with a non-symmetric A (seed example 1).
+    """Quadratic form f(x) = ⟨x, Ax⟩ − bᵀx + c with a non-symmetric A (the lecture notes' example 1).
 
     Math:
       ``f(x) = ⟨x, Ax⟩ − bᵀx + c`` with ``x, b ∈ ℝⁿ``, ``c ∈ ℝ`` and ``A ∈ ℝⁿˣⁿ`` *not* symmetric:
@@ -264,7 +264,7 @@ def _log_quadratic_hvp(x, v, *, A):
 
 @register("log_quadratic")
 def log_quadratic(key, /, *, dim=10, cond=10.0, dtype=None) -> Problem:
-    """Log of a quadratic form f(x) = ln⟨x, Ax⟩ with A SPD (seed example 2).
+    """Log of a quadratic form f(x) = ln⟨x, Ax⟩ with A SPD (the lecture notes' example 2).
 
     Math:
       ``f(x) = ln⟨x, Ax⟩`` on ``x ∈ ℝⁿ \\ {0}``, ``A`` SPD (so the argument of the logarithm is
@@ -443,7 +443,7 @@ def _log_det_hvp(x, v):
 
 @register("log_det")
 def log_det(key, /, *, dim=5, cond=10.0, dtype=None) -> Problem:
-    """Log-det barrier f(X) = ⟨S, X⟩ − log det X over SPD matrices (seed example 3).
+    """Log-det barrier f(X) = ⟨S, X⟩ − log det X over SPD matrices (the lecture notes' example 3).
 
     Math:
       ``f(X) = ⟨S, X⟩ − log det X`` with ``X`` SPD and data ``S`` SPD (eigenvalues log-spaced in
@@ -546,7 +546,7 @@ def _mds_instance(key, n, d, dt):
 
 @register("mds")
 def mds(key, /, *, num_points=8, dim=2, dtype=None) -> Problem:
-    """Multidimensional scaling L(W) = Σᵢⱼ (‖Wᵢ − Wⱼ‖² − Dᵢⱼ)² on squared distances (seed MDS).
+    """Multidimensional scaling L(W) = Σᵢⱼ (‖Wᵢ − Wⱼ‖² − Dᵢⱼ)² on squared distances (the notes' MDS).
 
     Math:
       ``L(W) = Σᵢ,ⱼ (‖Wᵢ − Wⱼ‖² − Dᵢⱼ)²`` over ``W ∈ ℝᴺˣᵈ`` (row ``Wᵢ`` is point ``i``), the sum over
