@@ -789,6 +789,24 @@ def test_lanczos_matches_eigh(which):
     assert ev.residuals[0] < 1e-6
 
 
+def test_lanczos_float32_full_run_stays_orthogonal():
+    """In float32, n Lanczos steps on n = 60 lose orthogonality within a few dozen steps unless every
+    step is re-orthogonalized twice against the whole basis (one pass leaves ghost copies of the
+    large eigenvalues and a non-orthonormal basis): all n Ritz values must match eigh, and the Ritz
+    vectors must be orthonormal to float32 rounding."""
+    n = 60
+    lam = np.concatenate([np.geomspace(1e-3, 1.0, n - 3), [5.0, 20.0, 100.0]])
+    A = _spd(n, lam, seed=4).astype(jnp.float32)
+    ev = cv.eigenvalues(
+        lambda v: A @ v, jax.random.key(2), like=jnp.zeros(n, jnp.float32), k=n, num_iters=n
+    )
+    assert ev.values.dtype == jnp.float32
+    w = np.linalg.eigvalsh(np.asarray(A, np.float64))[::-1]
+    np.testing.assert_allclose(np.asarray(ev.values, np.float64), w, atol=1e-4 * w[0])
+    U = np.asarray(ev.vectors, np.float64)
+    np.testing.assert_allclose(U @ U.T, np.eye(n), atol=1e-4)
+
+
 def test_lanczos_residuals_and_counts_before_convergence():
     """Stopped early (12 iterations on n = 120), the Ritz pairs are rough: the reported residuals must
     be ‖Au − θu‖ of the returned vectors, and the counts the iterations run."""
@@ -836,6 +854,82 @@ def test_spectral_density_integrates_to_one_and_moments():
         assert abs(quad - np.sum(lam**k) / n) < 0.1 * np.sum(lam**k) / n  # tr(Aᵏ)/n within MC error
     mean = float(jnp.trapezoid(sd.grid * sd.density, sd.grid))
     assert abs(mean - lam.mean()) < 0.05 * lam.mean()
+
+
+def test_spectral_density_default_width():
+    """The documented default width σ = max((θ_max − θ_min)/100, √ε·max(|θ_max|, 1)), read off the
+    default grid (θ_min − 5σ to θ_max + 5σ), for a spread spectrum and for a one-point one (where the
+    floor keeps the density finite)."""
+    n = 100
+    for lam in (np.random.default_rng(2).uniform(0.5, 3.0, n), np.full(n, 2.0)):
+        A = _spd(n, lam, seed=3)
+        sd = cv.spectral_density(
+            lambda v, A=A: A @ v, jax.random.key(0), like=jnp.zeros(n), num_probes=4, num_iters=10
+        )
+        lo, hi = float(jnp.min(sd.nodes)), float(jnp.max(sd.nodes))
+        sigma = max((hi - lo) / 100, np.finfo(np.float64).eps ** 0.5 * max(abs(hi), 1.0))
+        assert float(sd.grid[0]) == pytest.approx(lo - 5 * sigma, rel=1e-9, abs=1e-12)
+        assert float(sd.grid[-1]) == pytest.approx(hi + 5 * sigma, rel=1e-9, abs=1e-12)
+        assert bool(jnp.all(jnp.isfinite(sd.density)))
+        assert abs(float(jnp.trapezoid(sd.density, sd.grid)) - 1) < 1e-6
+
+
+def test_hutchpp_sketch_takes_a_third_of_the_budget():
+    """Hutch++ spends m/3 matvecs on the sketch S, m/3 on A·Q and m/3 on the Hutchinson probes of the
+    rest: with m = 30 on a rank-10 PSD operator the 10-column sketch spans its range, so the estimate
+    is exact up to rounding (a smaller sketch leaves an O(1) error)."""
+    n = 80
+    A = _spd(n, np.concatenate([np.arange(1.0, 11.0), np.zeros(n - 10)]), seed=2)
+    for key in range(3):
+        e = cv.trace(
+            lambda v: A @ v,
+            jax.random.key(key),
+            like=jnp.zeros(n),
+            num_matvecs=30,
+            method="hutch++",
+        )
+        assert abs(float(e.value) - 55.0) < 1e-10
+        assert int(e.num_matvecs) == 30
+
+
+def test_rtol_target_is_relative_to_the_whole_estimate(mats):
+    """Hutch++'s stop compares its standard error with rtol·|sketch trace + residual estimate|; on
+    1/k² the residual part is small, and a target relative to it alone would never be met."""
+    A, exact = mats["inv_k2"]
+    e = cv.trace(
+        lambda v: A @ v,
+        jax.random.key(0),
+        like=jnp.zeros(N),
+        num_matvecs=150,
+        method="hutch++",
+        rtol=1e-2,
+    )
+    assert int(e.num_matvecs) < 150
+    assert float(e.std_error) < 1e-2 * abs(float(e.value))
+    assert abs(float(e.value) - exact) < 4 * float(e.std_error)
+
+
+def test_settled_needs_the_previous_sketch_to_agree():
+    """The X-methods stop only where this sketch's error bar is small and the previous (half-size)
+    sketch's estimate lies within 1.96 of its standard errors; never at the first size."""
+    est = cv.Estimate(jnp.asarray(1.0), jnp.asarray(1e-3), jnp.asarray(20))
+    near = cv.Estimate(jnp.asarray(1.05), jnp.asarray(0.1), jnp.asarray(10))
+    far = cv.Estimate(jnp.asarray(2.0), jnp.asarray(0.1), jnp.asarray(10))
+    assert bool(cv._settled(est, near, 1e-2))
+    assert not bool(cv._settled(est, far, 1e-2))  # a small error bar alone is not enough
+    assert not bool(cv._settled(est, None, 1e-2))
+    assert not bool(cv._settled(est, near, 1e-4))  # the error bar itself above the target
+
+
+def test_loo_se_without_pair_covariance_is_the_studentized_spread():
+    """With no covariance between the leave-one-out terms (every Δ_ij = 0), the standard error is the
+    sample one, √(s²/k) with s² the unbiased (k − 1) variance, times the critical-value ratio."""
+    k = 7
+    t = jnp.asarray(np.random.default_rng(0).normal(size=k))
+    se = cv._loo_se(t, jnp.broadcast_to(t[:, None], (k, k)))
+    m2, m3, m4 = cv._moments(t)
+    want = jnp.sqrt(jnp.var(t, ddof=1) / k) * cv._quantile_ratio(k, m2, m3, m4)
+    assert float(se) == pytest.approx(float(want), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -215,6 +215,12 @@ def test_monitor_every_records_every_kth_step(unroll):
     assert t.steps_to_tol == t.steps_run == -(-exact.steps_to_tol // 10) * 10 == t.steps[-1]
     assert t.fun_evals_to_tol == t.num_fun_evals[-1] and t.relative_gap[-1] <= TOL
     np.testing.assert_allclose(float(p.loss(t.params)), t.loss[-1], rtol=1e-12)
+    # the last step is always recorded and tested: a budget that ends at the exact stop, between
+    # two multiples of 10, reaches tol there
+    n = exact.steps_to_tol
+    assert n % 10
+    end = gd(p, tol=TOL, num_steps=n, monitor_every=10, unroll=unroll)
+    assert end.steps_to_tol == end.steps_run == n == end.steps[-1]
 
 
 def test_unrecorded_steps_skip_the_value_only_where_the_optimizer_ignores_it():

@@ -201,6 +201,23 @@ def test_smoothing_is_the_documented_mu(lean):
     np.testing.assert_array_equal(default.grad, explicit.grad)
 
 
+def test_difference_steps_are_relative_to_each_coordinate():
+    """On f(z) = ‖z − x₀‖² at x₀ every difference is exact up to its step: the forward estimate of
+    ∂f/∂z_i is h_i itself, so the test reads the steps h_i = √ε·max(1, |x_i|) off the estimate (one
+    step for all coordinates would give √ε everywhere); central differences are exactly 0."""
+    x0 = jnp.array([1e3, -20.0, 0.5])
+    fn = lambda z: jnp.sum((z - x0) ** 2)  # noqa: E731
+    est = grads.forward_difference()(fn, x0, jax.random.key(0))
+    eps = float(jnp.finfo(jnp.float64).eps)
+    np.testing.assert_allclose(est.grad, math.sqrt(eps) * np.maximum(1.0, np.abs(x0)), rtol=1e-6)
+    np.testing.assert_allclose(
+        grads.forward_difference(step=1e-3)(fn, x0, jax.random.key(0)).grad,
+        1e-3 * np.maximum(1.0, np.abs(x0)),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(grads.central_difference()(fn, x0, jax.random.key(0)).grad, 0.0)
+
+
 def test_orthogonal_and_coordinate_full_rank_are_exact():
     fn, x, g = _quadratic()
     for dist in ("orthogonal", "coordinate"):

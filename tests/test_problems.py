@@ -145,6 +145,9 @@ TIGHT = [  # (problem, options, the point where the extreme curvature is attaine
         "zero",
     ),  # σ'(0) = 1/4 is the largest: L = σ_max(X)²/(4n) + l2 at w = 0
     ("toy_graph", {}, "init"),
+    # two classes: the softmax Hessian's top eigenvalue 1/2 (at equal logits, at W = 0) is attained,
+    # L = σ_max(X)²/(2n)
+    ("softmax_cross_entropy", {"num_classes": 2}, "zero"),
 ]
 
 

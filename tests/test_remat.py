@@ -239,6 +239,11 @@ def test_plan_other_strategies():
     p = remat.plan(128, strategy="sqrt", tape_cost=3.0)
     assert p.schedule[0] in (8, 16) and p.forward_evals == 256
     assert remat.plan(128, strategy="recursive").flops_ratio == pytest.approx(2.0)
+    # bisection puts the larger half first, as documented (the JAX docs' recursive checkpointing):
+    # L = 3 splits into layers [0, 2) and [2, 3), at 5 forward evaluations
+    small = remat.plan(3, strategy="recursive")
+    assert small.schedule == remat.Split(0, 2, 3, remat.Tape(0, 2), remat.Tape(2, 3))
+    assert small.forward_evals == 5
     assert remat.plan(10, strategy="none", tape_cost=3.0).peak_activations == 30
     e = remat.plan(10, strategy="every_k", k=3)
     assert e.forward_evals == 2 * 9 + 1

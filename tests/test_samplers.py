@@ -86,6 +86,17 @@ def test_second_moment(name):
     assert jnp.all(jnp.abs(mean - expect) <= 5 * sd / math.sqrt(n) + 1e-12)
 
 
+@pytest.mark.parametrize("name", ["orthogonal", "sphere", "gaussian", "rademacher"])
+def test_directions_have_mean_zero(name):
+    """E[v] = 0 entrywise (the Haar measure for ``orthogonal``: a QR factor without the sign fix of
+    R's diagonal is biased towards negative diagonal entries), within 5 Monte-Carlo standard errors."""
+    d, k, n = 6, 3, 4000
+    sample = samplers.make(name, jnp.zeros(d), num=k)
+    V = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(11), n))  # (n, k, d)
+    mean, sd = V.mean(axis=0), V.std(axis=0)
+    assert jnp.all(jnp.abs(mean) <= 5 * sd / math.sqrt(n))
+
+
 def test_errors():
     with pytest.raises(OptionError, match=r"num: expected an integer ≥ 1, got -3"):
         samplers.sphere(jnp.zeros(3), num=-3)
