@@ -165,7 +165,8 @@ class Eigenvalues(NamedTuple):
       values: ``(k,)`` eigenvalue estimates, sorted (descending for ``"largest"``/``"magnitude"``,
         ascending for ``"smallest"``).
       vectors: the Ritz vectors, a pytree like the parameters with a leading axis ``k``.
-      residuals: ``(k,)`` residual norms ``‖A u − θ u‖`` (an error bound for each value).
+      residuals: ``(k,)`` residual norms ``‖A u − θ u‖``: some eigenvalue of ``A`` lies within it of
+        each value (not necessarily the k-th: see :func:`eigenvalues` on multiplicities).
       num_matvecs: operator applications used (the Lanczos iterations).
     """
 
@@ -318,11 +319,24 @@ def hessian(f: Callable[[Any], Any], x: Any, /, *, batch_size: int | None = None
 # --------------------------------------------------------------------------------------------------
 
 
+def _concrete_like(like: Any) -> Any:
+    """``like`` fixes shapes and dtypes only: ``jax.ShapeDtypeStruct`` leaves stand for zero arrays."""
+    return jax.tree.map(
+        lambda t: jnp.zeros(t.shape, t.dtype) if isinstance(t, jax.ShapeDtypeStruct) else t, like
+    )
+
+
 def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
     """``(mv, n, dtype)``: ``matvec`` on ravelled vectors; raise if it is not square."""
     if not callable(matvec):
         raise OptionError(f"matvec: expected a callable v -> A v, got {type(matvec).__name__}.")
+    like = _concrete_like(like)
     flat, unravel = ravel_pytree(like)
+    if flat.size == 0:
+        raise ShapeError(
+            f"like: expected a pytree with at least one entry, got {flat.size} entries (structure "
+            f"{jax.tree.structure(like)}). Pass the parameters the operator acts on."
+        )
     if not jnp.issubdtype(flat.dtype, jnp.floating):
         raise OptionError(
             f"like: expected floating-point arrays, got dtype {flat.dtype}. "
@@ -361,6 +375,7 @@ def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
         return ravel_pytree(matvec(unravel(v.astype(in_dtype))))[0].astype(dtype)
 
     mv.sym_rtol = max(_SYM_RTOL, 10.0 * eps_op)
+    mv.eps_op = eps_op
     return mv, int(flat.size), dtype
 
 
@@ -490,7 +505,8 @@ def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: An
     """The trace from the ``n`` unit vectors; its error is rounding alone, so its standard error is the
     rounding floor of :func:`_floored` (``2·eps·|value|``), not 0."""
     cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
-    return _floored(Estimate(jnp.trace(cols), jnp.zeros((), dtype), jnp.asarray(n)))
+    est = Estimate(jnp.trace(cols), jnp.zeros((), dtype), jnp.asarray(n))
+    return _floored(est, getattr(mv, "eps_op", None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1288,12 +1304,15 @@ def _auto(mv, key, sampler, m, *, batch_size, mesh, n, psd=False):
     return est, branch, bad
 
 
-def _floored(est: Estimate) -> Estimate:
+def _floored(est: Estimate, eps_op: float | None = None) -> Estimate:
     """``est`` with ``std_error ≥ 2·eps·|value|``: a computed trace carries rounding error of a few
     ulps that no sampling statistic sees (on an exactly low-rank operator the sketch leaves a
     residual of pure rounding, and XTrace/XNysTrace report 0); the floor is far below any sampling
-    error otherwise."""
+    error otherwise. ``eps`` is the coarser of the estimate's and the operator's (``eps_op``: a
+    bfloat16 operator is estimated in float32, but its products carry bfloat16 rounding)."""
     eps = jnp.finfo(est.value.dtype).eps
+    if eps_op is not None:
+        eps = max(float(eps), float(eps_op))
     floor = _ROUNDING_FLOOR * eps * jnp.abs(est.value)
     return est._replace(std_error=jnp.maximum(est.std_error, floor))
 
@@ -1436,6 +1455,12 @@ def trace(
     >>> bool(abs(est.value - lam.sum()) < 3 * est.std_error), int(est.num_matvecs)
     (True, 40)
 
+    Over many seeds use ``lax.map`` (as the calibration tests do): on XLA:CPU (JAX 0.10.2)
+    ``jax.jit(jax.vmap(...))`` of ``method="auto"`` over more than 256 keys deadlocks in XLA's CPU
+    runtime. ``rtol`` stops on the data: a ``trace`` with it is not reverse-differentiable. The
+    X-methods resphere their probes, so ``sampler="gaussian"`` and ``"sphere"`` give the same estimate
+    for them.
+
     Under ``jax.jit`` the whole estimator compiles into one program (an eager call runs op by op;
     with ``rtol``, whose sketch sizes change, that is many small compilations):
 
@@ -1476,9 +1501,9 @@ def trace(
     common = {"batch_size": batch_size, "mesh": mesh}
     first = max(_DEFAULT_BLOCK, batch_size or 0)  # the X-methods' first sketch size under rtol
     if method == "hutchinson":
-        return _floored(_hutchinson(mv, key, samp, m, rtol=rtol, **common))
+        return _floored(_hutchinson(mv, key, samp, m, rtol=rtol, **common), mv.eps_op)
     if method == "hutch++":
-        return _floored(_hutchpp(mv, key, samp, m, rtol=rtol, n=n, **common))
+        return _floored(_hutchpp(mv, key, samp, m, rtol=rtol, n=n, **common), mv.eps_op)
     if method == "auto":
         if rtol is None:
             est, _, bad = _auto(mv, key, samp, m, n=n, psd=psd, **common)
@@ -1494,7 +1519,7 @@ def trace(
                 "Drop psd=True for an indefinite operator such as the Hessian of a non-convex loss."
             ),
         )
-        return _nan_where(bad, _floored(est))
+        return _nan_where(bad, _floored(est, mv.eps_op))
     if rtol is None:
         fn = _xtrace if method == "xtrace" else _xnystrace
         est, asym, not_psd = fn(mv, key, samp, m, n=n, **common)
@@ -1520,7 +1545,7 @@ def trace(
             ),
         )
         bad = bad | not_psd
-    return _nan_where(bad, _floored(est))
+    return _nan_where(bad, _floored(est, mv.eps_op))
 
 
 def hessian_trace(
@@ -1598,13 +1623,15 @@ def diagonal(
       ``diag(Q_{−i}Q_{−i}ᵀA) + ω_i ⊙ (I − Q_{−i}Q_{−i}ᵀ)Aω_i``. ``A`` symmetric.
 
     ``std_error`` is per entry (the t-calibrated sample standard error of the terms). With
-    ``num_matvecs ≥ n`` the diagonal is exact.
+    ``num_matvecs ≥ n`` the diagonal is exact, and its standard error is the rounding floor
+    ``2·eps·|value|`` per entry, as for :func:`trace`.
 
     >>> import jax, jax.numpy as jnp
     >>> A = jnp.array([[2.0, 0.1], [0.1, 3.0]])
     >>> d = diagonal(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(2), num_matvecs=2)
-    >>> d.value.tolist(), d.std_error.tolist()
-    ([2.0, 3.0], [0.0, 0.0])
+    >>> eps = jnp.finfo(d.value.dtype).eps
+    >>> d.value.tolist(), bool(jnp.all(d.std_error == 2 * eps * d.value))
+    ([2.0, 3.0], True)
 
     References: Bekas, Kokiopoulou & Saad (2007), Appl. Numer. Math. 57(11–12); Epperly, Tropp &
     Webber (2024), SIAM J. Matrix Anal. Appl. 45(1).
@@ -1626,7 +1653,9 @@ def diagonal(
     if m >= n:
         cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
         d = jnp.diagonal(cols)
-        return DiagonalEstimate(unravel(d), unravel(jnp.zeros_like(d)), jnp.asarray(n))
+        eps = max(float(jnp.finfo(d.dtype).eps), mv.eps_op)
+        floor = _ROUNDING_FLOOR * eps * jnp.abs(d)  # rounding alone, as _floored for the trace
+        return DiagonalEstimate(unravel(d), unravel(floor), jnp.asarray(n))
     need = 2 if method == "hutchinson" else 4
     if m < need:
         raise OptionError(
@@ -1730,6 +1759,15 @@ def eigenvalues(
     Returns Ritz vectors as a pytree with a leading axis ``k`` and the residual norms
     ``‖A u − θ u‖ = |β_q s_q|``. Cost: ``q`` matvecs and ``O(q n)`` memory.
 
+    Limits of single-vector Lanczos: (1) *multiplicities*: in exact arithmetic a Krylov space holds
+    one direction of each eigenspace, so a repeated eigenvalue is found once (its copies appear only
+    through rounding, or once the basis spans everything, ``num_iters = n``); the k values returned
+    are then the k largest *distinct* ones, and a small residual says only that ``θ`` is near *some*
+    eigenvalue, not that it is the k-th. Where multiplicities matter (a network's Hessian can have
+    many), use ``num_iters = n`` at small ``n`` or the dense :func:`hessian`. (2) *Symmetry* is
+    assumed and not checked (a check costs extra products): a non-symmetric operator gives
+    meaningless values; :func:`trace` with the X-methods does check.
+
     >>> import jax, jax.numpy as jnp
     >>> A = jnp.diag(jnp.arange(1.0, 51.0))
     >>> top3 = jax.jit(lambda key, A: eigenvalues(lambda v: A @ v, key, like=jnp.zeros(50), k=3,
@@ -1767,7 +1805,7 @@ def eigenvalues(
     vecs = (S[:, idx].T @ basis[0]).astype(dtype)  # (k, n)
     resid = jnp.abs(beta[0, q - 1] * S[q - 1, idx])
     resid = jnp.where(q == n, 0.0, resid)
-    unravel = ravel_pytree(like)[1]
+    unravel = ravel_pytree(_concrete_like(like))[1]
     return Eigenvalues(theta[idx], jax.vmap(unravel)(vecs), resid, jnp.asarray(q))
 
 
@@ -1790,10 +1828,15 @@ def spectral_density(
     ``T = S Θ Sᵀ``; the Gauss quadrature nodes ``θ_j`` with weights ``w_j = S_{0j}²`` satisfy
     ``Σ_j w_j θ_j^p = zᵀA^p z/‖z‖²`` exactly for ``p ≤ 2q − 1``, whose mean over probes is an unbiased
     estimate of ``tr(A^p)/n``. The density is the average of Gaussians of width ``sigma`` (default
-    ``max((θ_max − θ_min)/100, √ε·max(|θ_max|, 1))``: the floor keeps a one-point spectrum finite) centred on the nodes with those weights, evaluated on ``grid`` (default
-    ``num_points`` points from ``θ_min − 5σ`` to ``θ_max + 5σ``), so it integrates to 1 and its mean is the
-    quadrature's first moment. Cost: ``num_probes · num_iters`` matvecs (the probes go through the
-    operator together as one block; ``batch_size`` chunks it).
+    ``max((θ_max − θ_min)/100, √ε·max(|θ_max|, 1))``: the floor keeps a one-point spectrum finite)
+    centred on the nodes with those weights, evaluated on ``grid`` (default ``num_points`` points
+    from ``θ_min − 5σ`` to ``θ_max + 5σ``), so it integrates to 1 and its mean is the quadrature's
+    first moment — up to the trapezoid rule's error on the grid: the default 512 points resolve
+    ``σ``; a grid coarser than ``σ`` (a few points, or a width of your own far below the spacing)
+    does not integrate to 1. Cost: ``num_probes · num_iters`` matvecs (the probes go through the
+    operator together as one block; ``batch_size`` chunks it; there is no ``mesh=``: the Lanczos
+    recurrences are sequential). The operator must be symmetric; it is not checked (see
+    :func:`eigenvalues`).
 
     >>> import jax, jax.numpy as jnp
     >>> A = jnp.diag(jnp.linspace(1.0, 2.0, 40))
@@ -1831,6 +1874,11 @@ def spectral_density(
         grid = jnp.linspace(lo - 5 * width, hi + 5 * width, num_points, dtype=dtype)
     else:
         grid = jnp.asarray(grid, dtype)
+        if grid.ndim != 1 or grid.size < 2:
+            raise ShapeError(
+                f"grid: expected a 1-D array of at least 2 evaluation points, got shape "
+                f"{grid.shape}. Pass e.g. grid=jnp.linspace(lo, hi, 512), or leave it None."
+            )
     u = (grid[:, None, None] - theta[None]) / width
     kernel = jnp.exp(-0.5 * u * u) / (width * math.sqrt(2 * math.pi))
     density = jnp.sum(kernel * weights[None], axis=(1, 2)) / p

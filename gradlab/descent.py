@@ -12,8 +12,11 @@ this one estimate) and ``std_error``.
 
 Steps run as a jitted ``lax.while_loop`` over a segment of at most ``chunk_size`` steps that exits at the
 tolerance or at the first non-finite loss, compiled once (per ``fn``, ``strategy``, ``optimizer`` object,
-parameter shapes and settings; later calls with new parameter values or keys reuse the executable); by
-default a whole run is one segment. The monitoring — the true loss ``f(x_k)`` at every step, and
+parameter shapes and settings; later calls with new parameter values or keys reuse the executable;
+the cache holds the 32 most recent and keys on object identity: a new but equal ``grads.two_point(...)``,
+optimizer or closure compiles anew, so build them once and reuse them — for data that changes, e.g. a
+minibatch, close over an object you keep rather than building a new ``fn`` per call); by default a
+whole run is one segment. The monitoring — the true loss ``f(x_k)`` at every step, and
 ``‖∇f(x_k)‖`` by ``jax.grad`` when asked — is not counted as cost. Where the strategy's ``value`` is the
 exact ``f(x_k)`` (:data:`EXACT_VALUE_STRATEGIES`) it is the monitored loss, so monitoring costs nothing;
 otherwise ``fn`` is evaluated once more per step.
@@ -132,7 +135,10 @@ class History:
             raise OptionError(
                 "relative_gap: this run had no f_star. Pass f_star=... to descent.run."
             )
-        return (self.loss - self.f_star) / (self.loss[0] - self.f_star)
+        num, den = self.loss - self.f_star, self.loss[0] - self.f_star
+        if den == 0:  # started at f*: the gap is 0 where the loss stays there (inf where it left)
+            return np.where(num == 0, 0.0, np.copysign(np.inf, num))
+        return num / den
 
     def summary(self) -> str:
         """One readable line: steps, loss from start to end, where the tolerance was met, timings."""
@@ -158,6 +164,20 @@ class History:
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_not_traced(who: str, **arrays: Any) -> None:
+    """``run`` and ``fd_cg`` drive compiled loop segments from the host (the early stop, the History's
+    NumPy arrays): inside ``jax.jit``, ``vmap`` or ``grad`` their arguments are tracers, which would
+    fail later with JAX's TracerArrayConversionError."""
+    for name, tree in arrays.items():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
+            raise OptionError(
+                f"{name}: {who} got a traced value: it cannot run inside jax.jit, jax.vmap or jax.grad "
+                "(it drives compiled loop segments from the host and returns NumPy arrays). Call it "
+                "outside the transformation; it compiles its loop itself (once per configuration). "
+                "To vmap or differentiate an optimisation, write its loop with lax.scan."
+            )
 
 
 def _check_callables(fn: Any, strategy: Any, optimizer: Any) -> None:
@@ -771,6 +791,7 @@ def run(
       optax documentation (``GradientTransformationExtraArgs``, line searches).
     """
     _check_callables(fn, strategy, optimizer)
+    _check_not_traced("descent.run", params=params, key=key, tol=tol, f_star=f_star)
     check_key(key, "descent.run")
     num_steps, tol, f_star = _check_stop_args(num_steps, tol, f_star)
     every = check_positive_int("monitor_every", monitor_every)
@@ -1104,6 +1125,7 @@ def fd_cg(
         raise OptionError(
             f"fn: expected a callable loss fn(params) -> scalar, got {type(fn).__name__}."
         )
+    _check_not_traced("descent.fd_cg", params=params, tol=tol, f_star=f_star)
     num_steps, tol, f_star = _check_stop_args(num_steps, tol, f_star)
     if step is not None:
         step = check_positive("step", step)

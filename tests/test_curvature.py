@@ -425,6 +425,33 @@ def test_trace_errors(mats):
         cv.eigenvalues(mv, None, like=like, k=2)
     with pytest.raises(OptionError, match="batch_size: expected an integer ≥ 1, got 0"):
         cv.hessian(f, {"a": jnp.ones(3)}, batch_size=0)
+    # an empty `like` is named, by every estimator (it crashed inside the library)
+    for like_empty in ({}, {"z": jnp.zeros((0,))}):
+        for call in (
+            lambda lk: cv.trace(lambda v: v, jax.random.key(0), like=lk, num_matvecs=4),
+            lambda lk: cv.diagonal(lambda v: v, jax.random.key(0), like=lk, num_matvecs=4),
+            lambda lk: cv.eigenvalues(lambda v: v, jax.random.key(0), like=lk, k=1),
+            lambda lk: cv.spectral_density(lambda v: v, jax.random.key(0), like=lk),
+        ):
+            with pytest.raises(ShapeError, match="like: expected a pytree with at least one entry"):
+                call(like_empty)
+    with pytest.raises(ShapeError, match=r"grid: expected a 1-D array .* got shape \(2, 2\)"):
+        cv.spectral_density(mv, jax.random.key(0), like=like, grid=jnp.zeros((2, 2)))
+
+
+def test_like_may_be_shape_dtype_structs():
+    """``like`` fixes shapes and dtypes only: jax.ShapeDtypeStruct leaves give the same estimates."""
+    A = _spd(12, np.linspace(1.0, 3.0, 12), seed=2)
+    mv = lambda p: {"v": A @ p["v"]}  # noqa: E731
+    arrays, structs = {"v": jnp.zeros(12)}, {"v": jax.ShapeDtypeStruct((12,), jnp.float64)}
+    key = jax.random.key(0)
+    for call in (
+        lambda lk: cv.trace(mv, key, like=lk, num_matvecs=6).value,
+        lambda lk: cv.diagonal(mv, key, like=lk, num_matvecs=6).value["v"],
+        lambda lk: cv.eigenvalues(mv, key, like=lk, k=2).vectors["v"],
+        lambda lk: cv.spectral_density(mv, key, like=lk, num_iters=5).density,
+    ):
+        np.testing.assert_array_equal(call(structs), call(arrays))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -683,6 +710,25 @@ def test_rtol_blocks_do_not_depend_on_batch_size():
             lambda v: B @ v, jax.random.key(0), like=jnp.zeros(n), num_matvecs=50, rtol=0.02
         )
         np.testing.assert_allclose(est.value, same.value, rtol=1e-10)
+
+
+def test_exact_diagonal_and_half_precision_trace_carry_the_rounding_floor():
+    """Exact results (num_matvecs ≥ n) still carry rounding: 2·eps·|value| per entry, as the trace's;
+    a bfloat16 operator is estimated in float32, but its products carry bfloat16 rounding, so the
+    floor uses bfloat16's eps (a float32-sized error bar put the exact-budget trace ~1e4 standard
+    errors from the float32 trace at the same point)."""
+    A = jnp.array([[2.0, 0.1], [0.1, 3.0]])
+    d = cv.diagonal(lambda v: A @ v, jax.random.key(0), like=jnp.zeros(2), num_matvecs=2)
+    np.testing.assert_array_equal(
+        d.std_error, 2 * jnp.finfo(jnp.float64).eps * jnp.array([2.0, 3.0])
+    )
+    f = lambda x: jnp.sum(jnp.tanh(x) ** 2 * jnp.arange(1.0, 9.0))  # noqa: E731
+    x16 = jnp.linspace(-1.0, 1.0, 8).astype(jnp.bfloat16)
+    e16 = cv.hessian_trace(f, x16, jax.random.key(0), num_matvecs=8)
+    e32 = cv.hessian_trace(f, x16.astype(jnp.float32), jax.random.key(0), num_matvecs=8)
+    eps16 = float(jnp.finfo(jnp.bfloat16).eps)
+    assert float(e16.std_error) == pytest.approx(2 * eps16 * abs(float(e16.value)), rel=1e-6)
+    assert abs(float(e16.value) - float(e32.value)) < 2 * float(e16.std_error)
 
 
 def test_float32_estimates_keep_their_dtype():

@@ -680,3 +680,32 @@ def test_every_strategy_on_every_catalog_problem(name, problem):
     np.testing.assert_array_equal(h.num_fun_evals, int(est.num_fun_evals) * np.arange(21))
     if name in ("exact", "forward_mode", "forward_difference", "central_difference"):
         assert h.loss[-1] <= h.loss[0]  # a small step along a (near-)exact gradient descends
+
+
+def test_run_inside_a_transformation_is_named():
+    """descent.run and fd_cg drive their loops from the host: under jit/vmap/grad the arguments are
+    tracers, which must give an error naming the argument, not JAX's TracerArrayConversionError."""
+    p = lsq(1)
+    opt = optax.sgd(0.1)
+    with pytest.raises(OptionError, match=r"params: descent\.run got a traced value"):
+        jax.jit(
+            lambda x: descent.run(p.loss, x, local_exact, opt, key=jax.random.key(0), num_steps=3)
+        )(p.init)
+    with pytest.raises(OptionError, match=r"f_star: descent\.run got a traced value"):
+        jax.vmap(
+            lambda fs: descent.run(
+                p.loss, p.init, local_exact, opt, key=jax.random.key(0), num_steps=3, f_star=fs
+            )
+        )(jnp.zeros(2))
+    with pytest.raises(OptionError, match=r"params: descent\.fd_cg got a traced value"):
+        jax.jit(lambda x: descent.fd_cg(p.loss, x, num_steps=3))(p.init)
+
+
+def test_relative_gap_when_the_start_is_optimal():
+    """f(x₀) = f*: the gap is 0 where the loss stays at f* (not 0/0 = NaN with a RuntimeWarning)."""
+    p = lsq(1)
+    run = lambda **kw: descent.run(  # noqa: E731
+        p.loss, p.solution, local_exact, optax.sgd(0.0), key=jax.random.key(0), num_steps=3, **kw
+    )
+    f0 = float(run().loss[0])  # f(x₀) exactly as the engine computes it
+    np.testing.assert_array_equal(run(f_star=f0).relative_gap, np.zeros(4))
