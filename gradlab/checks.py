@@ -1166,37 +1166,41 @@ def _fit_v(hs: np.ndarray, errs: np.ndarray, p: int) -> tuple[float, float, floa
     constants are read off the arms: ``a`` = median of ``e·h`` well left of the optimum, ``b`` =
     median of ``e/h^p`` well right of it (errors in ``(0, 0.5)`` only: beyond that the quotient is
     saturated or no longer asymptotic); then ``h* = (a/(p·b))^{1/(p+1)}``, iterated from the argmin.
-    Falls back to the argmin where an arm is missing (``b`` is still read off a right arm alone, and
-    is NaN where the errors have no truncation arm). A right arm must rise like ``h^p``: one that
-    does not (the log-log slope of its upper half below ``p/2``: the jump of a difference quotient whose stencil
-    straddles a kink of a piecewise-smooth ``f``, then flat or falling) is no truncation arm, and
-    ``b`` is NaN there too: the errors have no interior optimum to fit.
+    Falls back to the argmin where an arm is missing (``b`` is still read off a right arm alone).
+
+    A truncation arm must *be* one: at least 2 points, rising like ``h^p`` over its upper half (the
+    lower end may still be round-off): log-log slope at least ``p/2``, and ``e/h^p`` within a factor
+    30 there. Otherwise — a single point of rounding noise (central differences of a quadratic), the
+    plateau or the jump of a stencil that straddles a kink of a piecewise-smooth ``f`` — ``b`` is NaN,
+    the errors have no interior optimum to fit, and ``h*`` is the argmin of the errors.
     """
     usable = np.isfinite(errs) & (errs > 0) & (errs < 0.5)
-    h_best = float(hs[int(np.nanargmin(np.where(np.isfinite(errs), errs, np.inf)))])
-    a = b = float("nan")
+    h_argmin = float(hs[int(np.nanargmin(np.where(np.isfinite(errs), errs, np.inf)))])
+    nan = float("nan")
 
     def truncation(right: np.ndarray) -> float:
         idx = np.flatnonzero(right)
-        # the slope of the arm's upper half (its lower end may still be round-off)
-        if idx.size >= 2:
-            top = idx[idx.size // 2 :] if idx.size >= 4 else idx
-            slope = np.polyfit(np.log(hs[top]), np.log(errs[top]), 1)[0]
-            if slope < p / 2:
-                return float("nan")
+        if idx.size < 2:
+            return nan
+        top = idx[idx.size // 2 :] if idx.size >= 4 else idx
+        ratio = errs[top] / hs[top] ** p
+        slope = np.polyfit(np.log(hs[top]), np.log(errs[top]), 1)[0]
+        if slope < p / 2 or ratio.max() > 30 * ratio.min():
+            return nan
         return float(np.median(errs[right] / hs[right] ** p))
 
-    right = usable & (hs > h_best * 4)
-    if right.any():  # the truncation constant, even where the round-off arm is missing
-        b = truncation(right)
+    h_best, a = h_argmin, nan
+    b = truncation(usable & (hs > h_best * 4))  # even where the round-off arm is missing
     for _ in range(5):
+        if not math.isfinite(b):
+            return h_argmin, a, nan
         left, right = usable & (hs < h_best / 4), usable & (hs > h_best * 4)
-        if not left.any() or not right.any() or not math.isfinite(b):
+        if not left.any():
             break
         a = float(np.median(errs[left] * hs[left]))
         b = truncation(right)
         if not math.isfinite(b):
-            break
+            return h_argmin, a, nan
         h_new = float(np.clip((a / (p * b)) ** (1 / (p + 1)), hs[0], hs[-1]))
         converged = abs(math.log(h_new / h_best)) < 1e-3
         h_best = h_new

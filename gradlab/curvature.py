@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from gradlab import samplers
@@ -375,7 +376,20 @@ def _flat_operator(matvec: Callable, like: Any) -> tuple[Callable, int, Any]:
         return ravel_pytree(matvec(unravel(v.astype(in_dtype))))[0].astype(dtype)
 
     mv.sym_rtol = max(_SYM_RTOL, 10.0 * eps_op)
-    mv.eps_op = eps_op
+
+    # the rounding of each entry's products: its leaf's eps, in or out (the coarser); the error-bar
+    # floors use these per entry (exact paths) or their mean (a trace is a sum over the entries)
+    def leaf_eps(a: Any, b: Any) -> np.ndarray:
+        e = max(
+            float(jnp.finfo(jnp.result_type(t)).eps)
+            for t in (a, b)
+            if jnp.issubdtype(jnp.result_type(t), jnp.floating)
+        )
+        return np.full(math.prod(jnp.shape(a)), e)
+
+    parts = jax.tree.leaves(jax.tree.map(leaf_eps, like, out))
+    mv.eps_entries = np.concatenate(parts) if parts else np.zeros(0)
+    mv.eps_op = float(np.mean(mv.eps_entries))
     return mv, int(flat.size), dtype
 
 
@@ -505,8 +519,15 @@ def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: An
     """The trace from the ``n`` unit vectors; its error is rounding alone, so its standard error is the
     rounding floor of :func:`_floored` (``2·eps·|value|``), not 0."""
     cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
-    est = Estimate(jnp.trace(cols), jnp.zeros((), dtype), jnp.asarray(n))
-    return _floored(est, getattr(mv, "eps_op", None))
+    diag = jnp.diagonal(cols)
+    est = Estimate(jnp.sum(diag), jnp.zeros((), dtype), jnp.asarray(n))
+    # 2·eps·|value|, eps the entries' own (their leaves'), weighted by |a_ii|: one eps for one dtype
+    w = jnp.abs(diag)
+    eps_w = jnp.sum(jnp.asarray(mv.eps_entries, dtype) * w) / jnp.maximum(
+        jnp.sum(w), jnp.finfo(dtype).tiny
+    )
+    floor = _ROUNDING_FLOOR * jnp.maximum(eps_w, jnp.finfo(dtype).eps) * jnp.abs(est.value)
+    return est._replace(std_error=floor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1308,8 +1329,9 @@ def _floored(est: Estimate, eps_op: float | None = None) -> Estimate:
     """``est`` with ``std_error ≥ 2·eps·|value|``: a computed trace carries rounding error of a few
     ulps that no sampling statistic sees (on an exactly low-rank operator the sketch leaves a
     residual of pure rounding, and XTrace/XNysTrace report 0); the floor is far below any sampling
-    error otherwise. ``eps`` is the coarser of the estimate's and the operator's (``eps_op``: a
-    bfloat16 operator is estimated in float32, but its products carry bfloat16 rounding)."""
+    error otherwise. ``eps`` is the coarser of the estimate's and the operator's (``eps_op``, the
+    mean over the entries of their leaves' eps: a bfloat16 operator is estimated in float32, but its
+    products carry bfloat16 rounding; one bfloat16 leaf among float32 ones counts for its share)."""
     eps = jnp.finfo(est.value.dtype).eps
     if eps_op is not None:
         eps = max(float(eps), float(eps_op))
@@ -1653,8 +1675,8 @@ def diagonal(
     if m >= n:
         cols = _apply(mv, jnp.eye(n, dtype=dtype), batch_size=batch_size, mesh=mesh)
         d = jnp.diagonal(cols)
-        eps = max(float(jnp.finfo(d.dtype).eps), mv.eps_op)
-        floor = _ROUNDING_FLOOR * eps * jnp.abs(d)  # rounding alone, as _floored for the trace
+        eps = jnp.maximum(jnp.finfo(d.dtype).eps, jnp.asarray(mv.eps_entries, d.dtype))
+        floor = _ROUNDING_FLOOR * eps * jnp.abs(d)  # each entry's rounding, as for the trace
         return DiagonalEstimate(unravel(d), unravel(floor), jnp.asarray(n))
     need = 2 if method == "hutchinson" else 4
     if m < need:
@@ -1851,6 +1873,11 @@ def spectral_density(
     p = check_positive_int("num_probes", num_probes)
     q = check_positive_int("num_iters", num_iters)
     num_points = check_positive_int("num_points", num_points, minimum=2)
+    if grid is not None and (jnp.ndim(grid) != 1 or jnp.size(grid) < 1):
+        raise ShapeError(
+            f"grid: expected a 1-D array of evaluation points, got shape {jnp.shape(grid)}. "
+            "Pass e.g. grid=jnp.linspace(lo, hi, 512), or leave it None."
+        )
     batch_size = _check_batch_size(batch_size)
     check_key(key, "spectral_density")
     mv, n, dtype = _flat_operator(matvec, like)
@@ -1874,11 +1901,6 @@ def spectral_density(
         grid = jnp.linspace(lo - 5 * width, hi + 5 * width, num_points, dtype=dtype)
     else:
         grid = jnp.asarray(grid, dtype)
-        if grid.ndim != 1 or grid.size < 2:
-            raise ShapeError(
-                f"grid: expected a 1-D array of at least 2 evaluation points, got shape "
-                f"{grid.shape}. Pass e.g. grid=jnp.linspace(lo, hi, 512), or leave it None."
-            )
     u = (grid[:, None, None] - theta[None]) / width
     kernel = jnp.exp(-0.5 * u * u) / (width * math.sqrt(2 * math.pi))
     density = jnp.sum(kernel * weights[None], axis=(1, 2)) / p

@@ -13,10 +13,11 @@ this one estimate) and ``std_error``.
 Steps run as a jitted ``lax.while_loop`` over a segment of at most ``chunk_size`` steps that exits at the
 tolerance or at the first non-finite loss, compiled once (per ``fn``, ``strategy``, ``optimizer`` object,
 parameter shapes and settings; later calls with new parameter values or keys reuse the executable;
-the cache holds the 32 most recent and keys on object identity: a new but equal ``grads.two_point(...)``,
-optimizer or closure compiles anew, so build them once and reuse them — for data that changes, e.g. a
-minibatch, close over an object you keep rather than building a new ``fn`` per call); by default a
-whole run is one segment. The monitoring — the true loss ``f(x_k)`` at every step, and
+the cache holds the 32 most recent and keys on object identity: a new but equal ``grads.two_point(...)``
+or optimizer compiles anew, so build them once and reuse them. Arrays that ``fn`` closes over are
+compile-time constants of the cached executable: for other data (a new minibatch) build a new ``fn``,
+which compiles anew, never mutate what a cached ``fn`` captured — the cache would run the old data);
+by default a whole run is one segment. The monitoring — the true loss ``f(x_k)`` at every step, and
 ``‖∇f(x_k)‖`` by ``jax.grad`` when asked — is not counted as cost. Where the strategy's ``value`` is the
 exact ``f(x_k)`` (:data:`EXACT_VALUE_STRATEGIES`) it is the monitored loss, so monitoring costs nothing;
 otherwise ``fn`` is evaluated once more per step.
@@ -136,8 +137,11 @@ class History:
                 "relative_gap: this run had no f_star. Pass f_star=... to descent.run."
             )
         num, den = self.loss - self.f_star, self.loss[0] - self.f_star
-        if den == 0:  # started at f*: the gap is 0 where the loss stays there (inf where it left)
-            return np.where(num == 0, 0.0, np.copysign(np.inf, num))
+        # started at f*: 0 where the loss stays there, ±inf where it left, NaN stays NaN
+        if den == 0:
+            return np.where(
+                num == 0, 0.0, np.where(np.isnan(num), np.nan, np.copysign(np.inf, num))
+            )
         return num / den
 
     def summary(self) -> str:

@@ -1,5 +1,6 @@
 """The descent engine: GD against the theory and ANCHORS, compile-once, stopping, costs, errors."""
 
+import dataclasses
 import math
 import re
 import textwrap
@@ -709,3 +710,6 @@ def test_relative_gap_when_the_start_is_optimal():
     )
     f0 = float(run().loss[0])  # f(x₀) exactly as the engine computes it
     np.testing.assert_array_equal(run(f_star=f0).relative_gap, np.zeros(4))
+    h = run(f_star=f0)
+    h_left = dataclasses.replace(h, loss=np.array([f0, f0, f0 + 1.0, np.nan]))
+    np.testing.assert_array_equal(h_left.relative_gap, [0.0, 0.0, np.inf, np.nan])
