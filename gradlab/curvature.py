@@ -522,10 +522,12 @@ def _exact(mv: Callable, n: int, dtype: Any, *, batch_size: int | None, mesh: An
     diag = jnp.diagonal(cols)
     est = Estimate(jnp.sum(diag), jnp.zeros((), dtype), jnp.asarray(n))
     # 2·eps·|value|, eps the entries' own (their leaves'), weighted by |a_ii|: one eps for one dtype
-    w = jnp.abs(diag)
-    eps_w = jnp.sum(jnp.asarray(mv.eps_entries, dtype) * w) / jnp.maximum(
-        jnp.sum(w), jnp.finfo(dtype).tiny
-    )
+    e = mv.eps_entries
+    if np.all(e == e[0]):
+        eps_w = jnp.asarray(e[0], dtype)
+    else:
+        w = jnp.abs(diag)
+        eps_w = jnp.sum(jnp.asarray(e, dtype) * w) / jnp.maximum(jnp.sum(w), jnp.finfo(dtype).tiny)
     floor = _ROUNDING_FLOOR * jnp.maximum(eps_w, jnp.finfo(dtype).eps) * jnp.abs(est.value)
     return est._replace(std_error=floor)
 
