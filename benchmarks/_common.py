@@ -66,10 +66,11 @@ def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def compile_timed(fn: Callable, *args: Any) -> tuple[Any, float]:
-    """``(compiled, seconds)`` for ``jax.jit(fn).lower(*args).compile()``."""
+def compile_timed(fn: Callable, *args: Any, options: dict | None = None) -> tuple[Any, float]:
+    """``(compiled, seconds)`` for ``jax.jit(fn).lower(*args).compile(options)`` (``options``: XLA
+    compiler options, e.g. the ones ``descent.run`` compiles with)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(options)
     return compiled, time.perf_counter() - start
 
 

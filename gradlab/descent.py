@@ -343,6 +343,13 @@ def _build(fn, strategy, optimizer, cfg: _Config):
     speculative: if the stop holds at any recorded step but its last, the block is undone (one select per
     leaf) and a step-by-step loop replays it up to the stopping step, so results stop exactly where a
     step-by-step loop would. The same step-by-step loop runs the last ``< unroll`` steps of a segment.
+
+    The step-by-step loop keeps its per-step work to what a hand-written loop that records the loss
+    does: its stop test sits in the loop's condition and reads the last record back from the buffer
+    (the loss then has one consumer in the body, the buffer write, into which XLA fuses its
+    reduction), and the pending value is not carried where the optimizer does not read it
+    (:func:`_update_reads_value`). On the CPU each kernel of the loop body costs a fixed ≈ 0.1–0.4 µs,
+    so at d = 100 these two took the compiled loop from 1.19 to 1.05 × a loop that records nothing.
     """
     count_dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
     info: dict[str, Any] = {}
@@ -403,13 +410,27 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         (:func:`_update_reads_value`), the incoming value is carried on unchanged, so that the estimate's value (for
         ``exact``, the loss reduction of ``value_and_grad``) is dead code in a loop of such steps."""
         new, _, _ = advance(t, state, key, dtype)
-        if cfg.extra_args:
-            if "reads_value" not in info:  # traced once per compilation
-                info["reads_value"] = _update_reads_value(optimizer, fn, state[0])
-            if info["reads_value"]:
-                return new
+        if reads_value(state[0]):
+            return new
         pending = new[3]
         return (*new[:3], (pending[0], state[3][1], *pending[2:]))
+
+    def reads_value(params):
+        """Whether the optimizer's update reads the pending value (traced once per compilation)."""
+        if not cfg.extra_args:
+            return False
+        if "reads_value" not in info:
+            info["reads_value"] = _update_reads_value(optimizer, fn, params)
+        return info["reads_value"]
+
+    def forget_value(state):
+        """``state`` with the pending value replaced by a constant where nothing reads it: a value
+        carried from one loop iteration to the next is an output XLA computes and stores at every
+        step (on the CPU a separate kernel for the loss reduction), although the record has it."""
+        if reads_value(state[0]):
+            return state
+        pending = state[3]
+        return (*state[:3], (pending[0], jnp.zeros_like(pending[1]), *pending[2:]))
 
     def write(bufs, i, loss, gnorm, counts):
         """Write records (leading axis) at record slot ``i``."""
@@ -478,16 +499,28 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             t = jnp.where(replay, t, t + u)
             return t, state, bufs, hit[-1] & ~replay, replay
 
+        def recorded_stop(t, bufs, entry, stop_in):
+            """The stop after step ``t − 1`` of the step loop, read back from the last record: the
+            stop test lives in the loop's condition, so the loss has one consumer in the body (the
+            buffer write, which fuses its reduction) and no stop flag is carried."""
+            at_record = ((t - start) % m == 0) | (t == end)
+            slot = jnp.maximum((t - start - 1) // m, 0).astype(jnp.int32)
+            loss = lax.dynamic_index_in_dim(bufs[0], slot, keepdims=False)
+            gnorm = None
+            if bufs[1] is not None:
+                gnorm = lax.dynamic_index_in_dim(bufs[1], slot, keepdims=False)
+            return jnp.where(t == entry, stop_in, at_record & stops(loss, gnorm, tol, f0, f_star))
+
         def step_cond(s):
-            t, _, _, stop = s
-            return (t < end) & ~stop
+            t, _, bufs, entry, stop_in = s
+            return (t < end) & ~recorded_stop(t, bufs, entry, stop_in)
 
         def step_body(s):
-            t, state, bufs, _ = s
+            t, state, bufs, entry, stop_in = s
             state, loss, gnorm = advance(t, state, key, dtype)
+            state = forget_value(state)
             t = t + 1
             at_record = ((t - start) % m == 0) | (t == end)
-            stop = at_record & stops(loss, gnorm, tol, f0, f_star)
             bufs = write(
                 bufs,
                 (t - start - 1) // m,
@@ -504,7 +537,7 @@ def _build(fn, strategy, optimizer, cfg: _Config):
                     jnp.where(at_record, jnp.zeros_like(state[2]), state[2]),
                     state[3],
                 )
-            return t, state, bufs, stop
+            return t, state, bufs, entry, stop_in
 
         t = start
         if u > 1:
@@ -512,7 +545,12 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             t, state, bufs, stop, _ = lax.while_loop(
                 block_cond, block_body, (t, state, bufs, stop, no)
             )
-        t, state, bufs, stop = lax.while_loop(step_cond, step_body, (t, state, bufs, stop))
+        # where nothing reads the pending value, it enters the loop as the body leaves it (a
+        # placeholder), and stays one for the next segment, whose optimizer does not read it either
+        state = forget_value(state)
+        entry = t
+        t, state, bufs, _, _ = lax.while_loop(step_cond, step_body, (t, state, bufs, entry, stop))
+        stop = recorded_stop(t, bufs, entry, stop)
         n = t - start
         params, opt_state, counts_out, pending_out = state
         if static:
@@ -521,6 +559,20 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         else:
             counts = counts_out
         return (params, opt_state, counts, pending_out, stop), bufs, n
+
+    def pack(prefix, bufs, n, stop, ok):
+        """What the host reads after a segment, in at most three arrays (each array fetched costs
+        ≈ 10 µs, a fifth of a 1000-step run's whole overhead): the losses (after ``prefix``) and
+        gradient norms in one, ``[steps taken, stopped, resolvable]`` in another, the cost records."""
+        bl, bg, bc = bufs
+        floats = jnp.concatenate([*prefix, bl, *([] if bg is None else [bg])])
+        ints = jnp.stack([n.astype(count_dtype), stop.astype(count_dtype), ok.astype(count_dtype)])
+        return floats, ints, bc
+
+    def segment_call(carry, key, start, end, tol, f0, f_star):
+        """A later segment: the carry and what the host reads (see :func:`pack`)."""
+        carry, bufs, n = segment(carry, key, start, end, tol, f0, f_star)
+        return carry, pack((), bufs, n, carry[-1], jnp.ones((), bool))
 
     def first(params, key, end, tol, f_star):
         """The start (optimizer state, the estimate at ``x_0``, the stop test at ``x_0``) and the first
@@ -545,17 +597,33 @@ def _build(fn, strategy, optimizer, cfg: _Config):
             end = jnp.where(resolvable, end, jnp.zeros_like(end))
         carry = (params, opt_state, jnp.zeros((3,), count_dtype), pending, stop0)
         carry, bufs, n = segment(carry, key, jnp.zeros((), count_dtype), end, tol, loss0, f_star)
-        return loss0, gnorm0, carry, bufs, n, resolvable
+        return loss0, carry, pack((loss0[None], gnorm0[None]), bufs, n, carry[-1], resolvable)
 
-    return first, segment, info
+    return first, segment_call, info
 
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
+def _compiler_options() -> dict[str, Any] | None:
+    """XLA options for the engine's executables. On the CPU backend, copy insertion with region
+    analysis, which proves more of a ``while`` loop's buffers safe to update in place: a loop that
+    records the loss at every step then runs without a copy per iteration (least squares d = 100,
+    1000 steps: 1.16 → 1.05 × a loop that records nothing). Arithmetic is unchanged."""
+    if platform() == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return None
+
+
+def _leaf_signature(x: Any) -> tuple:
+    if isinstance(x, (jax.Array, np.ndarray)):  # the common case, without dtype promotion's cost
+        return (x.shape, x.dtype)
+    return (jnp.shape(x), jnp.result_type(x))
+
+
 def _signature(tree: Any) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    return (treedef, tuple(_leaf_signature(x) for x in leaves))
 
 
 class _Executables:
@@ -571,9 +639,13 @@ class _Executables:
         dtype = jax.eval_shape(fn, params).dtype
         self._int = jax.ShapeDtypeStruct((), count_dtype)
         self._real = jax.ShapeDtypeStruct((), dtype)
-        self.first = jax.jit(first).lower(params, key, self._int, self._real, self._real).compile()
+        self.first = (
+            jax.jit(first)
+            .lower(params, key, self._int, self._real, self._real)
+            .compile(_compiler_options())
+        )
         self.segment = None
-        self._carry = jax.eval_shape(first, params, key, self._int, self._real, self._real)[2]
+        self._carry = jax.eval_shape(first, params, key, self._int, self._real, self._real)[1]
         self._key = key
         self.compile_time = time.perf_counter() - t0
         # strong references keep the ids of fn, strategy, optimizer from being reused while cached
@@ -584,7 +656,11 @@ class _Executables:
             return self.segment, 0.0
         t0 = time.perf_counter()
         i, r = self._int, self._real
-        self.segment = jax.jit(self._segment).lower(self._carry, self._key, i, i, r, r, r).compile()
+        self.segment = (
+            jax.jit(self._segment)
+            .lower(self._carry, self._key, i, i, r, r, r)
+            .compile(_compiler_options())
+        )
         return self.segment, time.perf_counter() - t0
 
 
@@ -826,16 +902,17 @@ def run(
 
     t0 = time.perf_counter()
     end = min(chunk_size, num_steps)
-    loss0, gnorm0, carry, bufs, n, resolvable = exe.first(
-        params, key, np.asarray(end, count_dtype), tol_arr, fstar_arr
-    )
-    if not bool(resolvable):
-        _raise_unresolvable(tol, f_star, float(loss0), real)
+    loss0, carry, host = exe.first(params, key, np.asarray(end, count_dtype), tol_arr, fstar_arr)
+    slots = -(-chunk_size // every)  # records per segment
     start = 0
     while True:
-        (f0, g0, (loss, gnorm, cum), n, stopped) = jax.device_get(
-            (loss0, gnorm0, bufs, n, carry[-1])
-        )
+        floats, ints, cum = jax.device_get(host)  # one transfer per array (see _build's pack)
+        n, stopped, ok = (int(v) for v in ints)
+        if start == 0:
+            f0, g0, floats = floats[0], floats[1], floats[2:]
+            if not ok:
+                _raise_unresolvable(tol, f_star, float(f0), real)
+        loss, gnorm = floats[:slots], floats[slots:]
         if start == 0:
             losses.append(np.asarray([f0], real))
             gnorms.append(np.asarray([g0], real))
@@ -845,7 +922,6 @@ def run(
                 else:
                     diverged_step = 0
                 break
-        n = int(n)
         rec = -(-n // every)
         at = start + np.minimum(every * np.arange(1, rec + 1), n)
         steps.append(at)
@@ -861,7 +937,7 @@ def run(
         else:  # a constant cost per step: the cumulative counts are rebuilt here
             counts.append(at[:, None] * static_cost[None, :])
         steps_run = start + n
-        if bool(stopped):  # a non-finite loss, or the criterion held
+        if stopped:  # a non-finite loss, or the criterion held
             if np.isfinite(loss[rec - 1]):
                 steps_to_tol = steps_run
             else:
@@ -872,7 +948,7 @@ def run(
         segment_exe, seconds = exe.get_segment()
         compile_time += seconds
         start, end = steps_run, min(steps_run + chunk_size, num_steps)
-        carry, bufs, n = segment_exe(
+        carry, host = segment_exe(
             carry,
             key,
             np.asarray(start, count_dtype),
