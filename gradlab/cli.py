@@ -22,6 +22,7 @@ one-paragraph message, never a traceback.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import json
@@ -406,10 +407,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _redeliver_interrupts(unraisable: Any) -> None:
+    """``sys.unraisablehook`` for a command: a Ctrl-C that lands in a finalizer or a garbage-collector
+    callback (JAX runs one) cannot propagate from there; Python would print "Exception ignored in ..."
+    with a traceback and carry on as if nothing was pressed. Raise it again in the main thread
+    instead, where :func:`main` reports it once. Anything else goes to Python's default hook."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _thread.interrupt_main()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``gradlab`` command; return its exit status (2 for bad input, without a traceback)."""
+    """Run the ``gradlab`` command; return its exit status (2 for bad input, without a traceback;
+    130 on Ctrl-C, after the runs already finished have been saved)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts
     try:
         return int(args.func(args))
     except GradlabError as e:
@@ -418,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.unraisablehook = hook
 
 
 if __name__ == "__main__":  # pragma: no cover
