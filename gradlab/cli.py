@@ -22,7 +22,6 @@ one-paragraph message, never a traceback.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import importlib
 import json
@@ -31,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from gradlab._interrupts import redeliver_interrupts
 from gradlab._validate import GradlabError
 
 __all__ = ["main"]
@@ -407,33 +407,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _redeliver_interrupts(unraisable: Any) -> None:
-    """``sys.unraisablehook`` for a command: a Ctrl-C that lands in a finalizer or a garbage-collector
-    callback (JAX runs one) cannot propagate from there; Python would print "Exception ignored in ..."
-    with a traceback and carry on as if nothing was pressed. Raise it again in the main thread
-    instead, where :func:`main` reports it once. Anything else goes to Python's default hook."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        _thread.interrupt_main()
-        return
-    sys.__unraisablehook__(unraisable)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``gradlab`` command; return its exit status (2 for bad input, without a traceback;
     130 on Ctrl-C, after the runs already finished have been saved)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts
     try:
-        return int(args.func(args))
+        with redeliver_interrupts():  # a Ctrl-C in a gc callback is not lost (nor printed)
+            return int(args.func(args))
     except GradlabError as e:
         print(f"gradlab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradlab: interrupted", file=sys.stderr)
         return 130
-    finally:
-        sys.unraisablehook = hook
 
 
 if __name__ == "__main__":  # pragma: no cover

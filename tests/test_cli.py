@@ -205,14 +205,16 @@ def test_redeliver_interrupts_raises_ctrl_c_in_the_main_thread(monkeypatch):
     import time
     from types import SimpleNamespace
 
+    from gradlab import _interrupts
+
     with pytest.raises(KeyboardInterrupt):
-        cli._redeliver_interrupts(SimpleNamespace(exc_value=KeyboardInterrupt()))
+        _interrupts.redeliver(SimpleNamespace(exc_value=KeyboardInterrupt()))
         for _ in range(100):  # interrupt_main takes effect at the next bytecode boundary
             time.sleep(0.01)
     seen = []
     monkeypatch.setattr(sys, "__unraisablehook__", seen.append)
     other = SimpleNamespace(exc_value=ValueError("boom"))
-    cli._redeliver_interrupts(other)
+    _interrupts.redeliver(other)
     assert seen == [other]
 
 
@@ -248,13 +250,19 @@ def test_ctrl_c_stops_a_parallel_run_cleanly(tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "configs" / "zo_vs_gd.toml"
     out = tmp_path / "out"
+    argv = ["-m", "gradlab", "run", str(config), "--out", str(out), "--jobs", "2"]
+    # SIGINT restored to its default before exec (a CI job may start with it ignored, which Python
+    # would keep); no preexec_fn, whose fork would warn in this multithreaded JAX process
+    launch = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        f"os.execv(sys.executable, [sys.executable, *{argv!r}])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradlab", "run", str(config), "--out", str(out), "--jobs", "2"],
+        [sys.executable, "-c", launch],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, which the workers join
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored (CI)
     )
     try:
         deadline = time.monotonic() + 300

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gradlab._interrupts import redeliver_interrupts
 from gradlab._validate import GradlabError, check_choice, check_positive_int
 from gradlab.lab import report as R
 from gradlab.lab.kinds import Resolved
@@ -278,8 +279,9 @@ def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -
     record: dict[str, Any] = {"id": rid, "spec": dict(spec)}
     try:
         # runs take their precision from the config's dtype: x64 is on for the run only (scoped, so
-        # a Python session that calls lab.run keeps its own setting)
-        with jax.enable_x64(True):
+        # a Python session that calls lab.run keeps its own setting); a Ctrl-C that lands in one of
+        # JAX's gc callbacks stops the run (in a worker too) instead of printing a traceback
+        with jax.enable_x64(True), redeliver_interrupts():
             result = kind.execute(spec)
         record.update(result)
         record.setdefault("error", None)
@@ -290,6 +292,19 @@ def _execute_one(kind_name: str, spec: Mapping[str, Any], rid: str, path: str) -
         record.update(_failure(f"{type(e).__name__}: {e}", "".join(tb[-6:])))
     record["seconds"] = time.perf_counter() - t0
     return _write_record(record, path)
+
+
+def _execute_in_worker(
+    kind_name: str, spec: Mapping[str, Any], rid: str, path: str
+) -> dict[str, Any]:
+    """:func:`_execute_one` in a worker process, which leaves Ctrl-C to the main process: a terminal
+    sends SIGINT to the whole process group, and a worker interrupted between two of its own steps
+    (or in one of JAX's gc callbacks) would print a traceback of its own; the main process stops the
+    sweep and joblib terminates the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _execute_one(kind_name, spec, rid, path)
 
 
 def _failure(error: str, tb: str = "") -> dict[str, Any]:
@@ -490,7 +505,8 @@ def _launch(
             before = {path: _stamp(path) for _, _, path in todo}
             try:
                 for res in parallel(
-                    delayed(_execute_one)(kind_name, spec, rid, path) for rid, spec, path in todo
+                    delayed(_execute_in_worker)(kind_name, spec, rid, path)
+                    for rid, spec, path in todo
                 ):
                     done.append(res)
                     bar.advance(task)
