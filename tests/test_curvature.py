@@ -601,6 +601,21 @@ SPECTRAL_ERRORS = [  # (call on A = I₅, error, message): what the docstrings p
         "which: unknown name 'biggest'",
     ),
     (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=2, block_size=0),
+        OptionError,
+        "block_size: expected an integer ≥ 1",
+    ),
+    (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=2, block_size=6),
+        OptionError,
+        r"block_size: at most n = 5 start vectors, got 6",
+    ),
+    (
+        lambda mv, k, like: cv.eigenvalues(mv, k, like=like, k=4, block_size=3),
+        OptionError,
+        r"block_size: 3 start vectors fit only 1 whole blocks \(3 Ritz values\) in n = 5",
+    ),
+    (
         lambda mv, k, like: cv.spectral_density(mv, k, like=like, num_points=1),
         OptionError,
         "num_points: expected an integer ≥ 2",
@@ -828,15 +843,22 @@ def test_xdiag_beats_hutchinson_on_low_rank(mats):
     assert errs["xdiag"] < errs["hutchinson"] / 5
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
-def test_lanczos_matches_eigh(which):
+def test_lanczos_matches_eigh(which, block_size):
     n = 120
     lam = np.concatenate(
         [np.linspace(-3.0, -2.0, 3), np.linspace(-0.5, 0.5, n - 6), [2.0, 2.7, 4.0]]
     )
     A = _spd(n, lam, seed=7)
     ev = cv.eigenvalues(
-        lambda v: A @ v, jax.random.key(0), like=jnp.zeros(n), k=3, which=which, num_iters=80
+        lambda v: A @ v,
+        jax.random.key(0),
+        like=jnp.zeros(n),
+        k=3,
+        which=which,
+        num_iters=80,
+        block_size=block_size,
     )
     w = np.linalg.eigvalsh(np.asarray(A))
     want = {"largest": w[::-1][:3], "smallest": w[:3], "magnitude": w[np.argsort(-np.abs(w))][:3]}[
@@ -883,6 +905,77 @@ def test_lanczos_residuals_and_counts_before_convergence():
         lambda v: A @ v, jax.random.key(1), like=jnp.zeros(n), num_probes=4, num_iters=q
     )
     assert int(sd.num_matvecs) == 4 * q
+
+
+def _multiple_eigenvalues(n=80, seed=6):
+    """7 three times, 5 twice, the rest spread over [0, 2]."""
+    lam = np.concatenate([[7.0, 7.0, 7.0, 5.0, 5.0], np.linspace(2.0, 0.0, n - 5)])
+    return _spd(n, lam, seed=seed), np.sort(lam)[::-1]
+
+
+def test_block_lanczos_finds_multiplicities():
+    """A block of 3 finds an eigenvalue of multiplicity 3 three times (and one of multiplicity 2
+    twice), with residuals that are ‖Au − θu‖ of the returned orthonormal Ritz vectors. (Single-vector
+    Lanczos finds the copies only through rounding, after enough steps: with 60 it returns 7 twice
+    here, with 21 on the docstring's example once; that limit is the docstring's example.)"""
+    n = 80
+    A, lam = _multiple_eigenvalues(n)
+    mv = lambda v: A @ v  # noqa: E731
+    ev = cv.eigenvalues(mv, jax.random.key(0), like=jnp.zeros(n), k=5, num_iters=60, block_size=3)
+    np.testing.assert_allclose(ev.values, lam[:5], atol=1e-8)
+    U = ev.vectors
+    np.testing.assert_allclose(U @ U.T, np.eye(5), atol=1e-10)
+    want = jnp.linalg.norm(U @ A - ev.values[:, None] * U, axis=1)
+    np.testing.assert_allclose(ev.residuals, want, rtol=1e-6, atol=1e-13)
+    assert float(jnp.max(ev.residuals)) < 1e-6
+    assert int(ev.num_matvecs) == 60
+
+
+def test_block_lanczos_budget_chunks_jit_and_pytrees():
+    """The budget rounds up to whole blocks; batch_size chunks do not change the result; it runs
+    under jit; a dict Hessian's top eigenvalues match the dense one."""
+    n = 80
+    A, lam = _multiple_eigenvalues(n)
+    mv = lambda v: A @ v  # noqa: E731
+    key, like = jax.random.key(3), jnp.zeros(n)
+    ev = cv.eigenvalues(mv, key, like=like, k=3, num_iters=50, block_size=4)
+    assert int(ev.num_matvecs) == 52  # ⌈50/4⌉ = 13 blocks of 4
+    chunked = cv.eigenvalues(mv, key, like=like, k=3, num_iters=50, block_size=4, batch_size=3)
+    np.testing.assert_allclose(chunked.values, ev.values, rtol=1e-12)
+    jitted = jax.jit(
+        lambda key, A: cv.eigenvalues(
+            lambda v: A @ v, key, like=like, k=3, num_iters=50, block_size=4
+        )
+    )(key, A)
+    np.testing.assert_allclose(jitted.values, ev.values, rtol=1e-12)
+    np.testing.assert_allclose(ev.values, lam[:3], atol=1e-8)
+    f, x = _dict_loss()
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    w = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda z: f(unravel(z)))(flat)))
+    ev = cv.eigenvalues(cv.hvp_operator(f, x), jax.random.key(0), like=x, k=4, block_size=2)
+    np.testing.assert_allclose(ev.values, w[::-1][:4], atol=1e-9)
+    assert ev.vectors["W"].shape == (4, 3, 4)
+
+
+def test_block_lanczos_full_basis_and_float32():
+    """``num_iters = n`` with blocks: every Ritz value matches eigh (the basis spans everything, the
+    last block included), in float32 to its rounding with an orthonormal basis."""
+    n = 48
+    lam = np.concatenate([np.full(4, 3.0), np.geomspace(1e-2, 2.0, n - 4)])
+    A = _spd(n, lam, seed=9).astype(jnp.float32)
+    ev = cv.eigenvalues(
+        lambda v: A @ v,
+        jax.random.key(1),
+        like=jnp.zeros(n, jnp.float32),
+        k=n,
+        num_iters=n,
+        block_size=4,
+    )
+    assert ev.values.dtype == jnp.float32 and int(ev.num_matvecs) == n
+    w = np.linalg.eigvalsh(np.asarray(A, np.float64))[::-1]
+    np.testing.assert_allclose(np.asarray(ev.values, np.float64), w, atol=1e-5 * w[0])
+    U = np.asarray(ev.vectors, np.float64)
+    np.testing.assert_allclose(U @ U.T, np.eye(n), atol=1e-5)
 
 
 def test_lanczos_dict_hessian_top_eigenvalues():
@@ -1132,3 +1225,18 @@ def test_hessian_trace_batches_by_backend(monkeypatch):
     np.testing.assert_allclose(
         [b.value, c.value], a.value, rtol=1e-12
     )  # batching changes no number
+
+
+def test_block_lanczos_exhausted_krylov_space_and_tiny_scale():
+    """A rank-2 operator scaled by 1e-12: the block Krylov space of a block of 3 is exhausted after
+    one step (every later direction is replaced by a random one orthogonal to the basis), and the
+    scale of A must not matter — the two nonzero eigenvalues and the zero eigenvalue are exact."""
+    n = 30
+    U = np.linalg.qr(np.random.default_rng(0).standard_normal((n, 2)))[0]
+    A = jnp.asarray(1e-12 * (U * np.array([3.0, 2.0])) @ U.T)
+    ev = cv.eigenvalues(
+        lambda v: A @ v, jax.random.key(0), like=jnp.zeros(n), k=3, num_iters=12, block_size=3
+    )
+    np.testing.assert_allclose(ev.values, [3e-12, 2e-12, 0.0], atol=1e-24)
+    U_out = ev.vectors
+    np.testing.assert_allclose(U_out @ U_out.T, np.eye(3), atol=1e-12)
