@@ -189,6 +189,11 @@ BAD = [
         "curvature.psd: used only by method 'auto' (the other methods ignore it)",
     ),
     ({"psd": "yes"}, "curvature.psd"),
+    ({"lanczos_block_size": 0}, "curvature.lanczos_block_size: expected an integer ≥ 1, got 0."),
+    (
+        {"lanczos_block_size": 2, "top_k": 0},
+        "curvature.lanczos_block_size: used only for the top eigenvalues; set curvature.top_k > 0",
+    ),
     (
         {"train_steps": 100},
         "curvature.train_steps: used only at point 'trained'; add \"trained\" to curvature.point",
@@ -282,3 +287,29 @@ def test_psd_lets_auto_use_nystrom_on_a_convex_loss(tmp_path: Path):
     auto = [r["summary"] for r in runs if r["spec"]["method"]["name"] == "auto"]
     assert len(auto) == 3 and all(np.isfinite(a["value"]) for a in auto)
     assert all(abs(a["value"] - a["exact_trace"]) <= 4 * a["std_error"] + 1e-9 for a in auto)
+
+
+def test_lanczos_block_size_in_a_config(tmp_path: Path):
+    # a config's lanczos_block_size reaches curvature.eigenvalues: the top eigenvalues of least
+    # squares' Hessian AᵀA by block Lanczos match eigh; absent from the specs at its default 1
+    cfg = tmp_path / "block.toml"
+    body = """
+        kind = "curvature"
+        [curvature]
+        problem = [{name = "least_squares", dim = 30, num_samples = 40}]
+        method = ["hutchinson"]
+        num_matvecs = [10]
+        top_k = 4
+        lanczos_block_size = 2
+        slq_probes = 0
+        """
+    cfg.write_text(textwrap.dedent(body))
+    (spec,) = lab.load(cfg).specs()
+    assert spec["lanczos_block_size"] == 2
+    sweep = lab.run(cfg, out=tmp_path / "o")
+    assert sweep.ok, sweep.failed
+    (run,) = json.loads((tmp_path / "o" / "runs.json").read_text())
+    s = run["summary"]
+    np.testing.assert_allclose(s["top_eigenvalues"], s["top_eigenvalues_exact"], rtol=1e-9)
+    cfg.write_text(textwrap.dedent(body.replace("lanczos_block_size = 2", "")))
+    assert "lanczos_block_size" not in lab.load(cfg).specs()[0]

@@ -8,6 +8,7 @@ Config section::
     method = ["hutchinson", "hutch++", "xtrace", "auto"]
     num_matvecs = [10, 30, 100]
     top_k = 5                  # Lanczos top-k eigenvalues vs eigh of the dense Hessian (0: skip)
+    lanczos_block_size = 1     # > 1: block Lanczos (finds eigenvalues of multiplicity up to it)
     point = ["init", "trained"]  # where the Hessian is taken: "init", "random", "trained" (a sweep axis)
     optimizer = "adam"         # for "trained": a deterministic full-batch optax run from init
     learning_rate = 0.01       #   with the problem's hand-derived gradient
@@ -71,6 +72,7 @@ class Section(Base):
     method: Sweep[_METHODS] = Field(default_factory=lambda: ["hutchinson", "auto"], min_length=1)
     num_matvecs: Sweep[PosInt] = Field(default_factory=lambda: [10, 30, 100], min_length=1)
     top_k: Annotated[int, Field(ge=0, le=100, strict=True)] = 5
+    lanczos_block_size: Annotated[int, Field(ge=1, le=100, strict=True)] = 1
     point: Sweep[_POINTS] = Field(default_factory=lambda: ["init"])
     optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: PositiveFloat = 0.01
@@ -98,6 +100,11 @@ def check(section: Section, experiment: Any, raw: Any) -> tuple[Section, list[st
         errors.append(
             f"{NAME}.psd: used only by method 'auto' (the other methods ignore it); add \"auto\" to "
             f"{NAME}.method or remove psd."
+        )
+    if section.lanczos_block_size != 1 and section.top_k == 0:
+        errors.append(
+            f"{NAME}.lanczos_block_size: used only for the top eigenvalues; set {NAME}.top_k > 0 "
+            "or remove lanczos_block_size."
         )
     return section.model_copy(update={"problem": problems}), errors
 
@@ -158,6 +165,8 @@ def expand(resolved: Any) -> list[dict[str, Any]]:
                         }
                         if sec.psd and method == "auto":  # absent otherwise: run ids unchanged
                             spec["psd"] = True
+                        if sec.top_k and sec.lanczos_block_size != 1:  # likewise
+                            spec["lanczos_block_size"] = sec.lanczos_block_size
                         if point == "trained":
                             spec["train"] = {
                                 "optimizer": sec.optimizer,
@@ -262,12 +271,13 @@ def _trace_fn(method: str, m: int, psd: bool = False, mesh: bool = False):
     return f
 
 
-def _eig_fn(k: int):
+def _eig_fn(k: int, block_size: int = 1):
     from gradlab import curvature
 
     def f(loss, x, key):
         op = curvature.hvp_operator(loss, x)
-        return curvature.eigenvalues(op, key, like=x, k=k, which="largest").values
+        ev = curvature.eigenvalues(op, key, like=x, k=k, which="largest", block_size=block_size)
+        return ev.values
 
     return f
 
@@ -419,7 +429,8 @@ def execute(spec: Mapping[str, Any]) -> dict[str, Any]:
     k = min(spec["top_k"], d)
     if k:
         lam = lam_all[::-1][:k]
-        values, c, _ = _run("eig", (k,), (p.loss, x, k_eig))
+        block = min(spec.get("lanczos_block_size", 1), d)
+        values, c, _ = _run("eig", (k, block), (p.loss, x, k_eig))
         compile_time += c
         got = np.sort(np.asarray(values))[::-1][:k]
         summary["top_eigenvalues"] = got.tolist()
