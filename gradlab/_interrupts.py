@@ -10,33 +10,37 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 
-def redeliver(unraisable: Any) -> None:
+def redeliver(unraisable: Any, previous: Any = None) -> None:
     """``sys.unraisablehook``: a ``KeyboardInterrupt`` is raised again in the main thread (at its next
-    bytecode); anything else goes to Python's default hook."""
+    bytecode); anything else goes to ``previous`` (the hook installed before, Python's default if
+    ``None``)."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         _thread.interrupt_main()
         return
-    sys.__unraisablehook__(unraisable)
+    (previous or sys.__unraisablehook__)(unraisable)
 
 
 @contextlib.contextmanager
 def redeliver_interrupts() -> Iterator[None]:
-    """Install :func:`redeliver` as ``sys.unraisablehook`` for the ``with`` block, then restore the
-    previous hook.
+    """Install :func:`redeliver` as ``sys.unraisablehook`` for the ``with`` block (other unraisable
+    exceptions still reach the hook installed before), then restore that hook.
 
     >>> import sys
+    >>> before = sys.unraisablehook
     >>> with redeliver_interrupts():
-    ...     sys.unraisablehook is redeliver
-    True
-    >>> sys.unraisablehook is redeliver
+    ...     sys.unraisablehook is before
     False
+    >>> sys.unraisablehook is before
+    True
     """
-    previous, sys.unraisablehook = sys.unraisablehook, redeliver
+    previous = sys.unraisablehook
+    sys.unraisablehook = functools.partial(redeliver, previous=previous)
     try:
         yield
     finally:

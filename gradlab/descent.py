@@ -430,7 +430,8 @@ def _build(fn, strategy, optimizer, cfg: _Config):
         if reads_value(state[0]):
             return state
         pending = state[3]
-        return (*state[:3], (pending[0], jnp.zeros_like(pending[1]), *pending[2:]))
+        # tree.map: a strategy's value may be None or a pytree (the loss is then fn(params) itself)
+        return (*state[:3], (pending[0], jax.tree.map(jnp.zeros_like, pending[1]), *pending[2:]))
 
     def write(bufs, i, loss, gnorm, counts):
         """Write records (leading axis) at record slot ``i``."""

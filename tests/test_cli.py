@@ -216,6 +216,13 @@ def test_redeliver_interrupts_raises_ctrl_c_in_the_main_thread(monkeypatch):
     other = SimpleNamespace(exc_value=ValueError("boom"))
     _interrupts.redeliver(other)
     assert seen == [other]
+    # inside the context, other errors reach the hook that was installed before it (pytest's, a
+    # user's), not Python's default
+    mine = []
+    monkeypatch.setattr(sys, "unraisablehook", mine.append)
+    with _interrupts.redeliver_interrupts():
+        sys.unraisablehook(other)
+    assert mine == [other] and seen == [other] and sys.unraisablehook == mine.append
 
 
 def _live_processes_in_group(pgid: int) -> list[str]:

@@ -756,3 +756,19 @@ def test_step_loop_has_no_more_kernels_than_a_hand_loop_recording_the_loss():
     descent.run(p.loss, p.init, grads_mod.exact(), opt, key=jax.random.key(0), num_steps=100)
     (exe,) = [e for k, e in descent._CACHE.items() if k[2] == id(opt)]
     assert _loop_body_kernels(exe.first) <= _loop_body_kernels(hand_exe)
+
+
+@pytest.mark.parametrize("value", [None, "dict"])
+def test_a_strategy_whose_value_is_none_or_a_pytree_still_runs(value):
+    """The strategy contract needs ``grad`` and the counts; where the value is not the loss the
+    engine evaluates ``fn`` itself, so a value of None or a pytree must not break the loop (the
+    pending value it does not carry is replaced leaf by leaf)."""
+    p = lsq(0)
+
+    def strategy(fn, params, key):
+        est = local_exact(fn, params, key)
+        return est._replace(value=None if value is None else {"v": est.value})
+
+    h = gd(p, strategy, num_steps=50)
+    ref = gd(p, local_exact, num_steps=50)
+    np.testing.assert_allclose(h.loss, ref.loss, rtol=1e-12)
